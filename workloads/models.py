@@ -1,0 +1,178 @@
+"""Models: loading, generation, and log-probs of outputs -- causal and seq2seq alike.
+
+Everything here works on token ids (lists of ints, unpadded) and pads them
+itself, so callers never have to think about padding sides:
+  causal  (GPT-2 family, config.is_encoder_decoder False): the prompt is
+          left-padded, the output right-padded, one sequence [prompt | output];
+  seq2seq (T5 family, config.is_encoder_decoder True): the prompt goes to the
+          encoder, the output is the decoder's target.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers import GenerationConfig as HFGenerationConfig
+
+from .text_task import build_char_tokenizer
+
+BUILTIN_INIT_SEED = 1234  # random init of the builtin models is the same everywhere
+FILL_ID = 0  # id written into padded slots; any valid id works, they are masked out
+
+
+class ModelNotAvailableError(OSError):
+    """A model name that is neither builtin, nor a local directory, nor loadable from the hub."""
+
+
+def _builtin_model(name: str, tokenizer):
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    if name == "builtin:tiny-gpt2":
+        # dropout 0: sampling, log-probs and gradients all see the same deterministic function
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        model_cls = GPT2LMHeadModel
+    elif name == "builtin:tiny-t5":
+        config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                          num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
+                          decoder_start_token_id=tokenizer.bos_token_id, **ids)
+        model_cls = T5ForConditionalGeneration
+    else:
+        raise ValueError(f"unknown builtin model {name!r}; builtin: builtin:tiny-gpt2, builtin:tiny-t5")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+        torch.manual_seed(BUILTIN_INIT_SEED)
+        return model_cls(config)
+
+
+def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu",
+                             dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer) for a builtin name, a local checkpoint directory, or a hub id."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name.startswith("builtin:"):
+        tokenizer = build_char_tokenizer()
+        model = _builtin_model(name, tokenizer).to(dtype)
+    else:
+        local = os.path.isdir(name)
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=local)
+            model_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = model_cls.from_pretrained(name, dtype=dtype, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        except (OSError, ValueError) as error:
+            where = "the local directory" if local else "the Hugging Face hub (unreachable or unknown id?)"
+            raise ModelNotAvailableError(
+                f"could not load model {name!r} from {where}: {error}. "
+                "Pass a local directory holding a save_pretrained checkpoint, or a builtin:* model."
+            ) from error
+    if tokenizer.pad_token_id is None:  # GPT-2 ships without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def unwrap(model):
+    """The Hugging Face model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def is_encoder_decoder(model) -> bool:
+    return bool(unwrap(model).config.is_encoder_decoder)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encoder_decoder: bool) -> list[list[int]]:
+    """Token ids of prompts, cut to max_prompt_length: a causal prompt keeps its
+    END (where the continuation starts), an encoder prompt keeps its beginning."""
+    ids = tokenizer(prompts, add_special_tokens=encoder_decoder)["input_ids"]
+    return [p[:max_prompt_length] if encoder_decoder else p[-max_prompt_length:] for p in ids]
+
+
+def encode_targets(tokenizer, targets: list[str]) -> list[list[int]]:
+    """Token ids of target outputs, each ending with EOS (teacher forcing learns to stop)."""
+    ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    return [t + [tokenizer.eos_token_id] for t in ids]
+
+
+def _pad(rows: list[list[int]], left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), FILL_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]]):
+    """log pi(o_t | prompt, o_<t) for every output token, padded: (log_probs [B, T], mask [B, T]).
+
+    The one place where the model scores outputs: used for the `log_prob`
+    column, for the policy-gradient surrogate and for the SFT loss.
+    """
+    device = next(model.parameters()).device
+    outputs, output_mask = _pad(output_ids, left=False, device=device)
+    if is_encoder_decoder(model):
+        encoder_ids, encoder_mask = _pad(prompt_ids, left=False, device=device)
+        # decoder input = [start] + output[:-1]: position t predicts output[t]
+        start = torch.full_like(outputs[:, :1], unwrap(model).config.decoder_start_token_id)
+        decoder_ids = torch.cat([start, outputs[:, :-1]], dim=1)
+        logits = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
+                       decoder_attention_mask=output_mask).logits
+    else:
+        prompts, prompt_mask = _pad(prompt_ids, left=True, device=device)
+        input_ids = torch.cat([prompts, outputs], dim=1)
+        attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
+        # positions count real tokens only, so left padding never shifts a sequence
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        prompt_width = prompts.shape[1]
+        # the logit at position i predicts token i+1: outputs start at prompt_width
+        logits = logits[:, prompt_width - 1 : prompt_width - 1 + outputs.shape[1]]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax of half logits in fp32
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, outputs.unsqueeze(-1)).squeeze(-1)
+    return log_probs * output_mask, output_mask
+
+
+def sequence_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]]) -> torch.Tensor:
+    """log pi(y|x) = sum over output tokens (EOS included, nothing after it), one per row: [B]."""
+    log_probs, _ = token_log_probs(model, prompt_ids, output_ids)
+    return log_probs.sum(dim=1)
+
+
+def trim_at_eos(ids: list[int], eos_token_id: int) -> list[int]:
+    """Tokens up to and including the first EOS (all of them when the model never stopped)."""
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+
+
+@torch.no_grad()
+def generate_outputs(model, tokenizer, prompt_ids: list[list[int]], *, num_return_sequences: int = 1,
+                     do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     min_new_tokens: int = 0, max_new_tokens: int = 48) -> list[list[int]]:
+    """One generate() call for all prompts; K = num_return_sequences outputs per
+    prompt, returned prompt-major (rows i*K .. i*K+K-1 belong to prompt i),
+    each cut after its EOS."""
+    device = next(model.parameters()).device
+    encoder_decoder = is_encoder_decoder(model)
+    input_ids, attention_mask = _pad(prompt_ids, left=not encoder_decoder, device=device)
+    eos_token_id = tokenizer.eos_token_id
+    settings = HFGenerationConfig(
+        do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=getattr(unwrap(model).config, "decoder_start_token_id", None),
+        **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}),
+    )
+    sequences = unwrap(model).generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings)
+    # causal: the prompt is echoed first; seq2seq: the decoder start token is
+    new_tokens = sequences[:, 1:] if encoder_decoder else sequences[:, input_ids.shape[1]:]
+    return [trim_at_eos(row, eos_token_id) for row in new_tokens.tolist()]

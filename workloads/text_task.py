@@ -1,0 +1,104 @@
+"""The built-in offline text task `reverse` and its character tokenizer.
+
+Input: a short string over a small alphabet; target: the same string reversed.
+Input i of a split is a pure function of (split, i), so every worker, every
+retry and every later stage sees the same data without a dataset file.
+
+Why this task: lengths run from 1 to MAX_LENGTH, so a tiny model after a short
+SFT solves the short strings almost always, fails the long ones almost always,
+and is uncertain in between -- the spread of per-input reward std that the
+paper's scatter plots (reward mean vs std) need.
+
+Prompt format
+  causal   (GPT-2 family): "abc="  -> continuation "cba" + EOS
+  seq2seq  (T5 family):    encoder "abc" -> decoder "cba" + EOS
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+TASK_NAME = "reverse"
+ALPHABET = "abcdef"  # 6 letters: 6**12 distinct long strings, so validation is unseen
+MIN_LENGTH, MAX_LENGTH = 1, 12
+SEPARATOR = "="  # ends a causal prompt: "the answer starts here"
+SPLIT_SIZES = {"train": 50_000, "validation": 2_000, "test": 2_000}
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# Characters the tokenizer knows: the task's alphabet plus enough of plain text
+# that a prompt with other characters still tokenizes (anything else is <unk>).
+VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?'\"-=()"
+
+
+@dataclass(frozen=True)
+class Example:
+    input_id: int  # index of the input in its split
+    source: str
+    target: str
+
+
+def _example_rng(split: str, index: int) -> random.Random:
+    # A hash of (task, split, index) -- not Python's salted hash() -- seeds the
+    # generator, so the example is identical across processes and machines.
+    digest = hashlib.sha256(f"{TASK_NAME}/{split}/{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def reverse_example(split: str, index: int) -> Example:
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r}; allowed: {sorted(SPLIT_SIZES)}")
+    if not 0 <= index < SPLIT_SIZES[split]:
+        raise IndexError(f"input {index} out of range for split {split!r} of size {SPLIT_SIZES[split]}")
+    rng = _example_rng(split, index)
+    length = rng.randint(MIN_LENGTH, MAX_LENGTH)
+    source = "".join(rng.choice(ALPHABET) for _ in range(length))
+    return Example(index, source, source[::-1])
+
+
+def split_size(task: str, split: str) -> int:
+    _check_task(task)
+    return SPLIT_SIZES[split]
+
+
+def get_examples(task: str, split: str, indices: list[int]) -> list[Example]:
+    _check_task(task)
+    return [reverse_example(split, i) for i in indices]
+
+
+def choose_inputs(task: str, split: str, num_inputs: int, seed: int) -> list[int]:
+    """`num_inputs` distinct input ids of the split, drawn with `seed` (paper: seed 7)."""
+    size = split_size(task, split)
+    if num_inputs > size:
+        raise ValueError(f"asked for {num_inputs} inputs but split {split!r} of {task!r} has {size}")
+    return random.Random(seed).sample(range(size), num_inputs)
+
+
+def prompt_text(source: str, is_encoder_decoder: bool) -> str:
+    return source if is_encoder_decoder else source + SEPARATOR
+
+
+def _check_task(task: str) -> None:
+    if task != TASK_NAME:
+        raise ValueError(f"unknown task {task!r}; built-in tasks: [{TASK_NAME!r}]")
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, plus <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+
+    No special tokens are added automatically: the workloads append EOS to
+    targets themselves, so causal and seq2seq code see exactly the ids they build.
+    """
+    vocab = {token: i for i, token in enumerate([PAD, BOS, EOS, UNK])}
+    for char in VOCAB_CHARS:
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char alone
+    backend.decoder = decoders.Fuse()  # join characters back without spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
