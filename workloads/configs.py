@@ -17,7 +17,7 @@ The orchestrator fills `model` in with a checkpoint directory when a stage says
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,6 +54,9 @@ class ExtractConfig(StrictConfig):
     """Sample extraction (paper section 4): K samples per input, their rewards,
     per-input reward mean/std and the per-input policy-gradient norm."""
 
+    checkpoint_field: ClassVar[str] = "model"  # what `from_stage:` fills in
+    produces_checkpoint: ClassVar[bool] = False
+
     model: str = "builtin:tiny-gpt2"
     task: str = "reverse"  # built-in offline task; GRUE tasks arrive with issue 4
     split: Literal["train", "validation", "test"] = "train"
@@ -72,6 +75,9 @@ class SFTConfig(StrictConfig):
     """Teacher-forced cross-entropy finetuning for causal and seq2seq models.
     The paper gives no SFT hyperparameters; these defaults are the usual
     Hugging Face Trainer ones, small enough for the built-in task."""
+
+    checkpoint_field: ClassVar[str] = "model"
+    produces_checkpoint: ClassVar[bool] = True
 
     model: str = "builtin:tiny-gpt2"
     task: str = "reverse"
@@ -93,3 +99,104 @@ WORKLOADS: dict[str, tuple[type[StrictConfig], str]] = {
     "extract": (ExtractConfig, "workloads.extract:run_extract"),
     "sft": (SFTConfig, "workloads.sft:run_sft"),
 }
+
+
+# --------------------------------------------------------------------------
+# controlled: classifier "policies" pretrained on label sets, then finetuned
+# with SFT or RFT (paper section 4.2; apple/ml-rlgrad sft_vs_rft/).
+# --------------------------------------------------------------------------
+
+CONTROLLED_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stsb": 6}
+
+
+class ControlledMLP(StrictConfig):
+    """Fully connected ReLU network on flattened inputs."""
+
+    type: Literal["mlp"] = "mlp"
+    hidden_sizes: list[int] = [250, 100]  # paper: hidden layers of 250 and 100
+
+
+class ControlledResNet18(StrictConfig):
+    """ResNet18 (basic blocks, depths 2-2-2-2) built from transformers' ResNetConfig."""
+
+    type: Literal["resnet18"] = "resnet18"
+    # "cifar": 3x3 stride-1 stem without max-pool (suits 32x32 images);
+    # "imagenet": the 7x7 stride-2 stem + max-pool the original project used
+    stem: Literal["cifar", "imagenet"] = "cifar"
+
+
+class ControlledBertMini(StrictConfig):
+    """BERT-mini (4 layers, hidden 256, 4 heads), random init, dropout 0."""
+
+    type: Literal["bert-mini"] = "bert-mini"
+    tokenizer: str = "prajjwal1/bert-mini"  # hub id or a local tokenizer directory
+    max_length: int = Field(512, ge=8)  # truncation of a sentence pair (original: 512)
+
+
+ControlledModel = Annotated[
+    Union[ControlledMLP, ControlledResNet18, ControlledBertMini], Field(discriminator="type")
+]
+
+
+class ControlledConfig(StrictConfig):
+    """Controlled finetuning experiment: pretrain a classifier so that each input
+    spreads its probability over a set of m labels, then finetune on single
+    labels, 10% of which lie outside the input's set (tiny reward std).
+
+    Defaults are the reference plans' (MNIST/MLP finetune with Adam), except
+    `dataset`, which defaults to scikit-learn's offline digits."""
+
+    checkpoint_field: ClassVar[str] = "init_checkpoint"
+
+    # data
+    dataset: Literal["digits", "mnist", "cifar10", "stsb"] = "digits"
+    dataset_path: Optional[str] = None  # local copy: save_to_disk dir or parquet/csv/json files per split
+    num_train_samples: int = Field(1000, ge=-1)  # -1 (or more than available) = all
+    num_test_samples: int = Field(1000, ge=-1)
+    samples_rnd_seed: int = 192  # subsampling, label sets and label modification
+    num_labels_per_sample: int = Field(5, ge=1)  # m: 5 for MNIST/CIFAR10, 3 for STS-B
+    use_label_sets: bool = False  # pretraining loss: CE to uniform over the m-label set
+    frac_samples_to_modify_labels: float = Field(0.1, ge=0, le=1)
+    # model / policy
+    model: ControlledModel = ControlledMLP()
+    init_rnd_seed: int = 111  # weights, batch order and REINFORCE samples
+    temperature: float = Field(1.0, gt=0)  # policy = softmax(logits / temperature)
+    init_checkpoint: Optional[str] = None  # filled by `from_stage: pretrain`
+    # objective
+    opt_method: Literal["supervised", "expected_reinforce", "reinforce"] = "supervised"
+    reward_type: Literal["labels", "labels_with_custom"] = "labels"
+    min_reward: float = -1.0  # reward of a wrong label (correct: +1)
+    modified_incorrect_reward: float = 0.5  # labels_with_custom: wrong label on a modified input
+    kl_regularization_coeff: float = Field(0.0, ge=0)
+    kl_reference: Literal["initial", "uniform"] = "initial"
+    # optimisation
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(512, ge=1)
+    num_epochs: int = Field(5000, ge=1)  # finetune plans: 5,000; pretrain plans: 1,000
+    # bookkeeping
+    log_every: int = Field(1, ge=1)  # epochs between metric rows (finetune plans validate every epoch)
+    checkpoint_every: int = Field(100, ge=0)  # epochs between checkpoints; 0 = only at the end
+    eval_batch_size: int = Field(1024, ge=1)  # chunk size of the metric passes
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        num_classes = CONTROLLED_NUM_CLASSES[self.dataset]
+        if (self.dataset == "stsb") != (self.model.type == "bert-mini"):
+            raise ValueError("dataset 'stsb' goes with model type 'bert-mini' and only with it")
+        if self.use_label_sets and self.num_labels_per_sample < 2:
+            raise ValueError("use_label_sets needs num_labels_per_sample >= 2")
+        if self.use_label_sets and self.opt_method != "supervised":
+            raise ValueError("use_label_sets (pretraining) supports only opt_method 'supervised'")
+        if self.use_label_sets and self.frac_samples_to_modify_labels > 0:
+            raise ValueError("use_label_sets (pretraining) trains on the label sets; set frac_samples_to_modify_labels: 0")
+        if self.num_labels_per_sample > num_classes - (1 if self.frac_samples_to_modify_labels > 0 else 0):
+            raise ValueError(
+                f"num_labels_per_sample={self.num_labels_per_sample} leaves no label outside the set "
+                f"for {self.dataset} ({num_classes} classes)"
+            )
+        return self
+
+
+WORKLOADS["controlled"] = (ControlledConfig, "workloads.controlled:run_controlled")
