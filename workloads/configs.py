@@ -147,6 +147,7 @@ class ControlledConfig(StrictConfig):
     `dataset`, which defaults to scikit-learn's offline digits."""
 
     checkpoint_field: ClassVar[str] = "init_checkpoint"
+    produces_checkpoint: ClassVar[bool] = True  # pretrain -> finetune
 
     # data
     dataset: Literal["digits", "mnist", "cifar10", "stsb"] = "digits"
