@@ -146,7 +146,8 @@ class ControlledConfig(StrictConfig):
     Defaults are the reference plans' (MNIST/MLP finetune with Adam), except
     `dataset`, which defaults to scikit-learn's offline digits."""
 
-    checkpoint_field: ClassVar[str] = "init_checkpoint"
+    checkpoint_field: ClassVar[str] = "init_checkpoint"  # what `from_stage:` fills in
+    produces_checkpoint: ClassVar[bool] = True
     produces_checkpoint: ClassVar[bool] = True  # pretrain -> finetune
 
     # data
