@@ -147,7 +147,6 @@ class ControlledConfig(StrictConfig):
     `dataset`, which defaults to scikit-learn's offline digits."""
 
     checkpoint_field: ClassVar[str] = "init_checkpoint"  # what `from_stage:` fills in
-    produces_checkpoint: ClassVar[bool] = True
     produces_checkpoint: ClassVar[bool] = True  # pretrain -> finetune
 
     # data
