@@ -1,0 +1,214 @@
+"""The `rlgrad` command line.
+
+    rlgrad run search_spaces/quickstart.yaml            # embedded local Ray, offline
+    rlgrad run SPEC --address auto --results s3://bucket/rlgrad
+    rlgrad validate SPEC                                # check a file, list its trials
+    rlgrad status [SWEEP]                               # sweeps, or one sweep's trials
+    rlgrad report SWEEP                                 # re-aggregate, rebuild report.html
+    rlgrad query "SELECT ... FROM inputs ..."           # DuckDB SQL over the Parquet tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .spec import SpecError, grid_points, load_spec
+
+EXAMPLES = """examples:
+  rlgrad run search_spaces/quickstart.yaml
+  rlgrad run search_spaces/quickstart.yaml --address auto --results s3://my-bucket/rlgrad
+  rlgrad status quickstart
+  rlgrad report quickstart
+  rlgrad query "SELECT trial, avg(reward_std) AS std, avg(grad_norm) AS g FROM inputs GROUP BY trial"
+
+tables (one row per ...): samples (input, sample), inputs (input), metrics (step, metric, split), trials (trial).
+Every row carries sweep, stage, trial and config_hash.
+"""
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"rlgrad: error: {message}", file=sys.stderr)
+    return code
+
+
+def _cmd_run(args) -> int:
+    from .aggregate import AggregationError, aggregate_sweep
+    from .driver import SweepError, run_sweep
+    from .report import build_report
+
+    spec, _ = load_spec(args.spec)
+    results = args.results or spec.results
+    try:
+        outcome = run_sweep(spec, results, address=args.address, show_progress=not args.quiet,
+                            max_concurrent=args.max_concurrent, num_cpus=args.num_cpus)
+    except SweepError as e:
+        return _error(str(e), 1)
+    except KeyboardInterrupt:
+        print("\n[rlgrad] interrupted: run the same command again to continue; finished trials are skipped",
+              file=sys.stderr)
+        return 130
+    try:
+        summary = aggregate_sweep(results, spec.sweep)
+    except AggregationError as e:
+        return _error(f"aggregating {outcome.sweep_dir}: {e}", 1)
+    report = build_report(results, spec.sweep)
+    print(f"[rlgrad] results: {outcome.sweep_dir}")
+    if summary.path:
+        print(f"[rlgrad] per-input table: {summary.path} ({summary.num_inputs} input rows from {summary.num_samples} samples)")
+    print(f"[rlgrad] report: {report}")
+    print(f"[rlgrad] query it: rlgrad query --results {results} --sweep {spec.sweep} \"SELECT * FROM inputs LIMIT 5\"")
+    if outcome.failed:
+        for o in outcome.failed:
+            print(f"[rlgrad] trial {o.trial.trial_id} failed: {o.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    spec, _ = load_spec(args.spec)
+    print(f"{args.spec}: OK -- sweep {spec.sweep!r}, {len(spec.stages)} stage(s)")
+    for stage in spec.stages:
+        if stage.search.optuna:
+            n = f"{stage.search.optuna.num_samples} Optuna trials"
+        else:
+            n = f"{len(grid_points(stage))} trial(s)"
+        per = f" per finished trial of {stage.from_stage!r}" if stage.from_stage else ""
+        s = stage.scaling
+        print(f"  {stage.name}: {stage.workload}, {n}{per}; {s.num_workers} worker(s) x {s.resources_per_worker()}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .aggregate import aggregate_sweep
+    from .query import list_sweeps
+    from .report import build_report
+
+    if args.sweep not in list_sweeps(args.results):
+        return _error(f"no sweep named {args.sweep!r} under {args.results}; sweeps there: "
+                      f"{', '.join(list_sweeps(args.results)) or 'none'}")
+    summary = aggregate_sweep(args.results, args.sweep)
+    if summary.path:
+        print(f"per-input table: {summary.path} ({summary.num_inputs} rows)")
+    print(f"report: {build_report(args.results, args.sweep)}")
+    return 0
+
+
+def _cmd_query(args) -> int:
+    from .query import run_query
+
+    table = run_query(args.results, args.sql, args.sweep or None)
+    if table is None:
+        return 0
+    if args.output:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        if args.output.endswith(".parquet"):
+            pq.write_table(table, args.output)
+        else:
+            pacsv.write_csv(table, args.output)
+        print(f"{table.num_rows} rows written to {args.output}")
+        return 0
+    if args.format == "json":
+        for row in table.to_pylist():
+            print(json.dumps(row, default=str))
+    elif args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 50,
+                               "display.width", 200, "display.max_colwidth", 60):
+            print(table.to_pandas().to_string(max_rows=args.max_rows, index=False))
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from .query import list_sweeps, run_query
+
+    sweeps = list_sweeps(args.results)
+    if not args.sweep:
+        if not sweeps:
+            print(f"no sweeps under {args.results}")
+            return 0
+        table = run_query(args.results, "SELECT sweep, count(*) AS trials, "
+                                        "count(*) FILTER (WHERE status = 'ERROR') AS failed FROM trials GROUP BY sweep ORDER BY sweep")
+        done = {r["sweep"]: r for r in table.to_pylist()}
+        for s in sweeps:
+            r = done.get(s, {"trials": 0, "failed": 0})
+            print(f"{s}: {r['trials']} trial(s) recorded, {r['failed']} failed")
+        return 0
+    if args.sweep not in sweeps:
+        return _error(f"no sweep named {args.sweep!r} under {args.results}; sweeps there: {', '.join(sweeps) or 'none'}")
+    table = run_query(args.results, "SELECT stage, trial, status, params, metrics FROM trials ORDER BY stage, trial",
+                      [args.sweep])
+    for row in table.to_pylist():
+        metrics = json.loads(row["metrics"] or "{}")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith(("time", "timestamp")))
+        print(f"{row['stage']:<12} {row['trial']:<24} {row['status']:<10} params={row['params']}  {shown[:160]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlgrad", description="Ray-distributed sweeps that measure (and fix) vanishing gradients in "
+                                   "reinforcement finetuning of language models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a sweep file on Ray (an embedded local cluster unless --address)",
+                         description="Validate SPEC, run its stages as Ray Tune trials of Ray Train workers, "
+                                     "aggregate the Parquet shards and write report.html. Rerunning the same "
+                                     "file continues an interrupted sweep, skipping finished trials.")
+    run.add_argument("spec", help="sweep file (YAML), e.g. search_spaces/quickstart.yaml")
+    run.add_argument("--results", help="results root: a local directory or a URI such as s3://bucket/prefix "
+                                       "(default: the file's `results`, else ./results)")
+    run.add_argument("--address", help="Ray cluster to join: 'auto', an IP:port or ray://host:10001 "
+                                       "(default: start an embedded local cluster)")
+    run.add_argument("--max-concurrent", type=int, help="trials of a stage run at once (default: as many as the "
+                                                         "cluster's CPUs/GPUs fit)")
+    run.add_argument("--num-cpus", type=int, help="CPUs of the embedded cluster (default: all)")
+    run.add_argument("--quiet", action="store_true", help="no per-worker progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a sweep file and list the trials it would run")
+    validate.add_argument("spec")
+    validate.set_defaults(func=_cmd_validate)
+
+    status = sub.add_parser("status", help="list sweeps, or one sweep's trials with their state and metrics")
+    status.add_argument("sweep", nargs="?")
+    status.add_argument("--results", default="results", help="results root (default: ./results)")
+    status.set_defaults(func=_cmd_status)
+
+    report = sub.add_parser("report", help="re-aggregate a sweep's shards and rebuild its report.html")
+    report.add_argument("sweep")
+    report.add_argument("--results", default="results", help="results root (default: ./results)")
+    report.set_defaults(func=_cmd_report)
+
+    query = sub.add_parser("query", help="run SQL (DuckDB) over the tables samples, inputs, metrics, trials",
+                           description="Run SQL over the sweeps' Parquet tables. Views: samples, inputs, metrics, "
+                                       "trials; each is the union over the chosen sweeps.")
+    query.add_argument("sql")
+    query.add_argument("--results", default="results", help="results root (default: ./results)")
+    query.add_argument("--sweep", action="append", help="limit to this sweep (repeatable; default: all)")
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    query.add_argument("--output", help="write the result to a .parquet or .csv file instead")
+    query.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
+    query.set_defaults(func=_cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, ValueError) as e:
+        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Running a sweep on Ray: each stage becomes a Ray Tune run whose trials each
+host a Ray Train TorchTrainer; the trainer's workers run the stage's workload.
+
+    stage --(grid / Optuna, x parent trials)--> Tune trials
+    Tune trial (function trainable, holds no CPU) --> TorchTrainer(ScalingConfig from the spec)
+    Train worker --> workloads.run_workload(config, WorkloadContext) --> Parquet shards, checkpoints
+
+This module imports Ray but never a model: workers import `workloads` lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from workloads.configs import WORKLOADS
+from workloads.tables import ShardWriter, resolve
+
+from .spec import ResolvedTrial, SpecError, StageSpec, SweepSpec, grid_points, resolve_trial, resolved_spec_yaml
+from .tables_io import read_table
+
+
+class SweepError(RuntimeError):
+    """The sweep ran but could not finish (a stage had no successful trial)."""
+
+
+@dataclass
+class StagePlan:
+    """Everything a Tune trial of one stage needs; shipped to the trial actor."""
+
+    sweep: str
+    results: str  # results root, local absolute path or URI
+    stage: StageSpec
+    parent_checkpoints: dict[str, str]  # parent trial id -> checkpoint URI
+    show_progress: bool = True
+
+
+@dataclass
+class TrialOutcome:
+    trial: ResolvedTrial
+    status: str  # TERMINATED | ERROR | SKIPPED (finished in an earlier run)
+    checkpoint: str | None
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- storage helpers
+
+
+def sweep_uri(results: str, sweep: str) -> str:
+    return posixpath.join(results, sweep) if "://" in results else os.path.join(os.path.abspath(results), sweep)
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def check_results_dir(spec: SweepSpec, results: str) -> bool:
+    """Refuse to mix two different sweeps under one name. True when resuming."""
+    existing = _read_text(posixpath.join(sweep_uri(results, spec.sweep), "sweep.yaml"))
+    if existing is None:
+        return False
+    if existing != resolved_spec_yaml(spec):
+        raise SpecError(
+            f"{sweep_uri(results, spec.sweep)} already holds a different sweep named {spec.sweep!r} "
+            "(its sweep.yaml differs); give this sweep another name, another --results, or delete that directory"
+        )
+    return True
+
+
+# ---------------------------------------------------------------- the Train worker
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: build the context, run the workload."""
+    import ray.train
+    import ray.train.torch
+
+    from workloads import run_workload, validate_config
+    from workloads.context import WorkloadContext
+
+    train_ctx = ray.train.get_context()
+    config = validate_config(loop_config["workload"], loop_config["config"])
+    if loop_config["parent_checkpoint"]:
+        local_dir = ray.train.Checkpoint(loop_config["parent_checkpoint"]).to_directory()
+        config = config.model_copy(update={loop_config["checkpoint_field"]: local_dir})
+
+    resume = ray.train.get_checkpoint()  # set when Ray restarted this worker group
+
+    def report_fn(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    identity = loop_config["identity"]
+    ctx = WorkloadContext(
+        writer=ShardWriter(loop_config["results"], **identity),
+        rank=train_ctx.get_world_rank(),
+        world_size=train_ctx.get_world_size(),
+        device=str(ray.train.torch.get_device()),
+        report_fn=report_fn,
+        resume_from=resume.to_directory() if resume else None,
+        show_progress=loop_config["show_progress"],
+    )
+    run_workload(loop_config["workload"], config, ctx)
+
+
+# ---------------------------------------------------------------- the Tune trial
+
+
+def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
+    """A Tune function trial: resolve the config, run a TorchTrainer, return its final metrics."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    point = tune_config["point"]
+    trial = resolve_trial(plan.stage, point["params"], point["parent"])
+    base = sweep_uri(plan.results, plan.sweep)
+    record = {
+        "sweep": plan.sweep,
+        "stage": trial.stage,
+        "trial": trial.trial_id,
+        "config_hash": trial.config_hash,
+        "workload": trial.workload,
+        "params": trial.params,
+        "parent_trial": trial.parent_trial,
+        "config": trial.config.model_dump(mode="json"),
+    }
+    _write_text(posixpath.join(base, "trials", trial.trial_id, "config.json"), json.dumps(record, indent=2))
+
+    scaling = plan.stage.scaling
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "workload": trial.workload,
+            "config": trial.config.model_dump(mode="json"),
+            "checkpoint_field": WORKLOADS[trial.workload][0].checkpoint_field,
+            "parent_checkpoint": plan.parent_checkpoints.get(trial.parent_trial) if trial.parent_trial else None,
+            "identity": {"sweep": plan.sweep, "stage": trial.stage, "trial": trial.trial_id, "config_hash": trial.config_hash},
+            "results": plan.results,
+            "show_progress": plan.show_progress,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=scaling.resources_per_worker(),
+        ),
+        run_config=RunConfig(
+            name=trial.trial_id,
+            storage_path=posixpath.join(base, "checkpoints", trial.stage),
+            failure_config=FailureConfig(max_failures=plan.stage.failure.max_failures),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    final["rlgrad_trial"] = trial.trial_id
+    final["rlgrad_checkpoint"] = _checkpoint_uri(result.checkpoint, plan.results) if result.checkpoint else ""
+    return final
+
+
+def _checkpoint_uri(checkpoint, results: str) -> str:
+    if "://" in results:
+        scheme = results.split("://", 1)[0]
+        return f"{scheme}://{checkpoint.path}"
+    return checkpoint.path
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _max_concurrent(stage: StageSpec, override: int | None) -> int:
+    """How many trials of this stage fit on the cluster at once."""
+    if override:
+        return override
+    import ray
+
+    total = ray.cluster_resources()
+    need = {k: v * stage.scaling.num_workers for k, v in stage.scaling.resources_per_worker().items() if v > 0}
+    fits = [math.floor(total.get(k, 0) / v) for k, v in need.items()]
+    return max(1, min(fits) if fits else 1)
+
+
+def _finished_trials(results: str, sweep: str) -> dict[str, dict]:
+    """Trials of this sweep that finished in an earlier run, by trial id."""
+    table = read_table(results, sweep, "trials")
+    if table is None:
+        return {}
+    return {row["trial"]: row for row in table.to_pylist() if row["status"] == "TERMINATED"}
+
+
+def _progress(message: str) -> None:
+    print(f"[rlgrad] {message}", flush=True)
+
+
+def _make_progress_callback(stage: StageSpec):
+    from ray import tune
+
+    class StageProgress(tune.Callback):
+        """One line per trial start and end on the driver's console."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            _progress(f"stage {stage.name}: started {_trial_name(stage, trial.config)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            keys = [k for k in result if not k.startswith(("rlgrad_", "time_", "timestamp", "training_iteration", "date",
+                                                              "pid", "hostname", "node_ip", "done", "trial_id", "iterations"))]
+            shown = ", ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result[k], float))[:300]
+            _progress(f"stage {stage.name}: finished {_trial_name(stage, trial.config)} ({shown})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _progress(f"stage {stage.name}: FAILED {_trial_name(stage, trial.config)} (see {trial.local_path})")
+
+    return StageProgress()
+
+
+def _trial_name(stage: StageSpec, tune_config: dict) -> str:
+    point = tune_config["point"]
+    return resolve_trial(stage, point["params"], point["parent"]).trial_id
+
+
+def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoints: dict[str, str],
+               finished: dict[str, dict], show_progress: bool, max_concurrent: int | None) -> list[TrialOutcome]:
+    from ray import tune
+
+    parents = list(parent_checkpoints) if stage.from_stage else [None]
+    plan = StagePlan(spec.sweep, results, stage, parent_checkpoints, show_progress)
+    outcomes: list[TrialOutcome] = []
+    base = sweep_uri(results, spec.sweep)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_fn, plan=plan),
+        # The hosting trial only waits on its TorchTrainer; the workers hold the
+        # resources. Ray needs a non-empty bundle, so ask for a little memory.
+        {"cpu": 0, "memory": 64 * 1024**2},
+    )
+    tune_run = dict(
+        storage_path=posixpath.join(base, "_tune"),
+        callbacks=[_make_progress_callback(stage)],
+        verbose=0,
+    )
+
+    def name_creator(trial) -> str:
+        return _trial_name(stage, trial.config)
+
+    runs: list[tuple[dict, object]] = []  # (param_space, tune_config)
+    if stage.search.optuna is None:
+        points = []
+        for parent in parents:
+            for params in grid_points(stage) or [{}]:
+                trial = resolve_trial(stage, params, parent)
+                if trial.trial_id in finished:
+                    row = finished[trial.trial_id]
+                    outcomes.append(TrialOutcome(trial, "SKIPPED", row["checkpoint"], json.loads(row["metrics"] or "{}")))
+                    _progress(f"stage {stage.name}: {trial.trial_id} finished in an earlier run; skipped")
+                else:
+                    points.append({"params": params, "parent": parent})
+        if points:
+            runs.append(({"point": tune.grid_search(points)},
+                         tune.TuneConfig(max_concurrent_trials=_max_concurrent(stage, max_concurrent),
+                                         trial_name_creator=name_creator, trial_dirname_creator=name_creator)))
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        opt = stage.search.optuna
+        dists = {"uniform": tune.uniform, "loguniform": tune.loguniform,
+                 "randint": lambda lo, hi: tune.randint(lo, hi + 1), "choice": lambda *v: tune.choice(list(v))}
+        for parent in parents:
+            space = {"point": {"params": {k: dists[next(iter(d))](*next(iter(d.values()))) for k, d in opt.params.items()},
+                               "parent": parent}}
+            searcher = OptunaSearch(metric=opt.metric, mode=opt.mode, seed=opt.seed)
+            runs.append((space, tune.TuneConfig(search_alg=searcher, num_samples=opt.num_samples,
+                                                max_concurrent_trials=_max_concurrent(stage, max_concurrent),
+                                                trial_name_creator=name_creator, trial_dirname_creator=name_creator)))
+
+    for i, (space, tune_config) in enumerate(runs):
+        name = stage.name if len(runs) == 1 else f"{stage.name}-{i}"
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config,
+                           run_config=tune.RunConfig(name=name, **tune_run))
+        grid = tuner.fit()
+        for result in grid:
+            point = result.config["point"]
+            trial = resolve_trial(stage, point["params"], point["parent"])
+            metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+            if result.error is None:
+                ckpt = metrics.get("rlgrad_checkpoint") or None
+                outcomes.append(TrialOutcome(trial, "TERMINATED", ckpt, metrics))
+            else:
+                outcomes.append(TrialOutcome(trial, "ERROR", None, metrics, error=str(result.error).splitlines()[0][:500]))
+    for outcome in outcomes:
+        if outcome.status != "SKIPPED":
+            _record_trial(results, spec.sweep, outcome)
+    return outcomes
+
+
+def _record_trial(results: str, sweep: str, outcome: TrialOutcome) -> None:
+    trial = outcome.trial
+    writer = ShardWriter(results, sweep, trial.stage, trial.trial_id, trial.config_hash)
+    metrics = {k: v for k, v in outcome.metrics.items() if not k.startswith("rlgrad_")}
+    if outcome.error:
+        metrics["error"] = outcome.error
+    writer.write("trials", "trial", [{
+        "workload": trial.workload,
+        "params": json.dumps(trial.params, sort_keys=True),
+        "config": json.dumps(trial.config.model_dump(mode="json"), sort_keys=True),
+        "parent_trial": trial.parent_trial,
+        "status": outcome.status,
+        "checkpoint": outcome.checkpoint,
+        "metrics": json.dumps(metrics, sort_keys=True, default=str),
+    }])
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: str
+    outcomes: dict[str, list[TrialOutcome]]
+    dashboard_url: str | None
+
+    @property
+    def failed(self) -> list[TrialOutcome]:
+        return [o for stage in self.outcomes.values() for o in stage if o.status == "ERROR"]
+
+
+def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_progress: bool = True,
+              max_concurrent: int | None = None, num_cpus: int | None = None) -> SweepOutcome:
+    """Run every stage of `spec` in order on the Ray cluster at `address`
+    (None: start an embedded local cluster)."""
+    import ray
+
+    results = results if "://" in results else os.path.abspath(results)
+    resuming = check_results_dir(spec, results)
+    base = sweep_uri(results, spec.sweep)
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    started_here = not ray.is_initialized()
+    if started_here:
+        context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                           logging_level="WARNING", log_to_driver=True)
+    else:
+        context = ray.get_runtime_context()
+    dashboard = getattr(context, "dashboard_url", None)
+    try:
+        _write_text(posixpath.join(base, "sweep.yaml"), resolved_spec_yaml(spec))
+        _progress(f"sweep {spec.sweep!r}: {len(spec.stages)} stage(s); results in {base}")
+        if dashboard:
+            _progress(f"Ray dashboard: http://{dashboard}" if "://" not in dashboard else f"Ray dashboard: {dashboard}")
+        if resuming:
+            _progress("this sweep ran here before: finished trials are skipped")
+        finished = _finished_trials(results, spec.sweep) if resuming else {}
+        outcomes: dict[str, list[TrialOutcome]] = {}
+        for stage in spec.stages:
+            parent_checkpoints: dict[str, str] = {}
+            if stage.from_stage:
+                parent_checkpoints = {o.trial.trial_id: o.checkpoint for o in outcomes[stage.from_stage]
+                                      if o.status in ("TERMINATED", "SKIPPED") and o.checkpoint}
+                if not parent_checkpoints:
+                    raise SweepError(f"stage {stage.name!r} starts from stage {stage.from_stage!r}, "
+                                     "which has no finished trial with a checkpoint")
+            t0 = time.time()
+            _progress(f"stage {stage.name} ({stage.workload}): starting")
+            outcomes[stage.name] = _run_stage(spec, stage, results, parent_checkpoints, finished, show_progress, max_concurrent)
+            ok = sum(o.status != "ERROR" for o in outcomes[stage.name])
+            _progress(f"stage {stage.name}: {ok}/{len(outcomes[stage.name])} trials done in {time.time() - t0:.0f}s")
+        return SweepOutcome(base, outcomes, dashboard)
+    finally:
+        if started_here:
+            ray.shutdown()

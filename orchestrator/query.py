@@ -1,0 +1,68 @@
+"""SQL over a results root with DuckDB.
+
+Views: `samples`, `inputs` (the aggregated inputs.parquet where a sweep has
+one, else its worker shards), `metrics`, `trials` -- each the union over the
+chosen sweeps (every sweep under the root by default). Tables are opened as
+pyarrow datasets, so local paths and s3:// roots work the same way, and
+DuckDB pushes column selection and filters down into the Parquet scan.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from workloads.tables import SCHEMAS, resolve
+
+from .tables_io import shard_dataset
+
+
+def list_sweeps(results: str) -> list[str]:
+    """Names of the sweeps under a results root (directories holding sweep.yaml)."""
+    fs, base = resolve(results)
+    info = fs.get_file_info(base)
+    if info.type != pafs.FileType.Directory:
+        return []
+    sweeps = []
+    for entry in fs.get_file_info(pafs.FileSelector(base)):
+        if entry.type == pafs.FileType.Directory and \
+                fs.get_file_info(posixpath.join(entry.path, "sweep.yaml")).type == pafs.FileType.File:
+            sweeps.append(entry.base_name)
+    return sorted(sweeps)
+
+
+def _table_dataset(results: str, sweep: str, name: str):
+    if name == "inputs":
+        fs, base = resolve(results)
+        agg = posixpath.join(base, sweep, "inputs.parquet")
+        if fs.get_file_info(agg).type == pafs.FileType.File:
+            return ds.dataset(agg, filesystem=fs, format="parquet", schema=SCHEMAS["inputs"])
+    return shard_dataset(results, sweep, name)
+
+
+def connect(results: str, sweeps: list[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the four views registered."""
+    chosen = sweeps or list_sweeps(results)
+    known = set(list_sweeps(results))
+    for sweep in chosen:
+        if sweep not in known:
+            raise ValueError(f"no sweep named {sweep!r} under {results}; sweeps there: {', '.join(sorted(known)) or 'none'}")
+    con = duckdb.connect()
+    for name in ("samples", "inputs", "metrics", "trials"):
+        parts = [d for d in (_table_dataset(results, s, name) for s in chosen) if d is not None]
+        dataset = ds.dataset(parts) if parts else SCHEMAS[name].empty_table()
+        con.register(name, dataset)
+    return con
+
+
+def run_query(results: str, sql: str, sweeps: list[str] | None = None):
+    """Run `sql`; returns a pyarrow Table."""
+    con = connect(results, sweeps)
+    try:
+        relation = con.sql(sql)
+        return None if relation is None else relation.to_arrow_table()
+    except duckdb.Error as e:
+        raise ValueError(f"query failed: {str(e).splitlines()[0]}") from None

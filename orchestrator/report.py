@@ -1,0 +1,234 @@
+"""report.html: one self-contained page (plotly.js inlined) per sweep.
+
+Sections, each skipped when the sweep has no data for it:
+  1. per-stage summary table (every trial, its parameters, status, key numbers)
+  2. reward mean vs reward std per input (the paper's Figure 1 view)
+  3. reward std vs gradient norm, log-log, with a fitted c * std^(2/3) envelope
+     (Theorem 1 bounds the expected gradient by C L gamma STD^(2/3); we fit c to
+     the data as the smallest constant that bounds every point, per trial)
+  4. distribution of reward std and the share of inputs under thresholds
+  5. training curves from the metrics table
+  6. controlled finetunes (modified vs unmodified inputs), when present
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import posixpath
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pyarrow.parquet as pq
+
+from workloads.tables import resolve
+
+from .tables_io import read_table
+
+STD_THRESHOLDS = (0.01, 0.05, 0.1, 0.2)
+
+
+def load_sweep_frames(results: str, sweep: str) -> dict[str, pd.DataFrame]:
+    """The sweep's tables as DataFrames (empty frames where a table has no rows)."""
+    fs, base = resolve(results)
+    frames: dict[str, pd.DataFrame] = {}
+    agg = posixpath.join(base, sweep, "inputs.parquet")
+    from pyarrow.fs import FileType
+
+    if fs.get_file_info(agg).type == FileType.File:
+        frames["inputs"] = pq.read_table(agg, filesystem=fs).to_pandas()
+    else:
+        table = read_table(results, sweep, "inputs")
+        frames["inputs"] = table.to_pandas() if table is not None else pd.DataFrame()
+    for name in ("trials", "metrics"):
+        table = read_table(results, sweep, name)
+        frames[name] = table.to_pandas() if table is not None else pd.DataFrame()
+    return frames
+
+
+def trial_labels(trials: pd.DataFrame) -> dict[str, str]:
+    """A readable name per trial: its stage and searched params, after its parent's."""
+    rows = {r["trial"]: r for r in trials.to_dict("records")}
+    labels: dict[str, str] = {}
+
+    def label(trial_id: str) -> str:
+        if trial_id in labels:
+            return labels[trial_id]
+        row = rows.get(trial_id)
+        if row is None:
+            return trial_id
+        params = json.loads(row["params"] or "{}")
+        own = row["stage"] + ("(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
+        parent = row.get("parent_trial")
+        labels[trial_id] = (label(parent) + " → " if isinstance(parent, str) and parent else "") + own
+        return labels[trial_id]
+
+    for trial_id in rows:
+        label(trial_id)
+    return labels
+
+
+def fit_envelope(reward_std: np.ndarray, grad_norm: np.ndarray) -> float | None:
+    """Smallest c with grad_norm <= c * reward_std^(2/3) for every input with std > 0."""
+    mask = (reward_std > 0) & np.isfinite(grad_norm)
+    if not mask.any():
+        return None
+    return float(np.max(grad_norm[mask] / reward_std[mask] ** (2.0 / 3.0)))
+
+
+def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    rows = []
+    for t in trials.sort_values(["stage", "trial"]).to_dict("records"):
+        metrics = json.loads(t["metrics"] or "{}")
+        row = {"stage": t["stage"], "trial": t["trial"], "what": labels.get(t["trial"], t["trial"]),
+               "status": t["status"]}
+        sub = inputs[inputs["trial"] == t["trial"]] if len(inputs) else inputs
+        if len(sub):
+            row.update({
+                "inputs": len(sub),
+                "reward mean": sub["reward_mean"].mean(),
+                "reward std (mean)": sub["reward_std"].mean(),
+                "reward std (median)": sub["reward_std"].median(),
+                "share std<0.05": (sub["reward_std"] < 0.05).mean(),
+                "grad norm (mean)": sub["grad_norm"].mean(),
+            })
+        for key in ("loss", "eval_reward_mean", "train_accuracy", "test_accuracy"):
+            if isinstance(metrics.get(key), (int, float)):
+                row[key] = metrics[key]
+        if metrics.get("error"):
+            row["error"] = metrics["error"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.4g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
+    figs: list = []
+    trials = list(dict.fromkeys(inputs["trial"]))
+
+    fig = go.Figure()
+    for t in trials:
+        sub = inputs[inputs["trial"] == t]
+        fig.add_trace(go.Scattergl(x=sub["reward_std"], y=sub["reward_mean"], mode="markers", name=labels.get(t, t),
+                                   marker={"size": 5, "opacity": 0.6}, text=sub["prompt"],
+                                   hovertemplate="std %{x:.3f}<br>mean %{y:.3f}<br>%{text}<extra></extra>"))
+    fig.update_layout(title="Reward mean vs reward std, one point per input (paper Fig. 1 view)",
+                      xaxis_title="reward std under the model (1/K)", yaxis_title="reward mean")
+    figs.append(("reward-mean-vs-std", fig, "Inputs near std = 0 get almost no expected gradient from RFT, whatever their mean reward."))
+
+    has_grad = inputs["grad_norm"].notna().any()
+    if has_grad:
+        fig = go.Figure()
+        notes = []
+        for i, t in enumerate(trials):
+            sub = inputs[(inputs["trial"] == t) & inputs["grad_norm"].notna()]
+            pos = sub[(sub["reward_std"] > 0) & (sub["grad_norm"] > 0)]
+            zero = int((sub["reward_std"] == 0).sum())
+            group = f"g{i}"
+            fig.add_trace(go.Scattergl(x=pos["reward_std"], y=pos["grad_norm"], mode="markers", name=labels.get(t, t),
+                                       legendgroup=group, marker={"size": 5, "opacity": 0.6}))
+            c = fit_envelope(sub["reward_std"].to_numpy(), sub["grad_norm"].to_numpy())
+            if c is not None and len(pos):
+                xs = np.logspace(np.log10(pos["reward_std"].min()), np.log10(pos["reward_std"].max()), 50)
+                fig.add_trace(go.Scatter(x=xs, y=c * xs ** (2 / 3), mode="lines", line={"dash": "dash"},
+                                         name=f"{c:.3g}·std^(2/3)", legendgroup=group, showlegend=True))
+            notes.append(f"{labels.get(t, t)}: {zero} of {len(sub)} inputs have reward std 0 (gradient exactly 0, not drawn)")
+        fig.update_layout(title="Per-input gradient norm vs reward std (log-log) with fitted c·std^(2/3) envelope",
+                          xaxis_title="reward std", yaxis_title="‖policy-gradient estimate‖ (leave-one-out baseline)",
+                          xaxis_type="log", yaxis_type="log")
+        figs.append(("grad-norm-vs-std", fig, "<br>".join(html.escape(n) for n in notes)))
+
+    fig = go.Figure()
+    for t in trials:
+        sub = inputs[inputs["trial"] == t]
+        fig.add_trace(go.Histogram(x=sub["reward_std"], name=labels.get(t, t), opacity=0.6, nbinsx=40))
+    fig.update_layout(barmode="overlay", title="Distribution of per-input reward std",
+                      xaxis_title="reward std", yaxis_title="inputs")
+    shares = pd.DataFrame([
+        {"trial": labels.get(t, t), **{f"std < {th}": float((inputs[inputs['trial'] == t]["reward_std"] < th).mean())
+                                      for th in STD_THRESHOLDS}}
+        for t in trials
+    ])
+    figs.append(("reward-std-distribution", fig, "Share of inputs under each reward-std threshold:" + _table_html(shares)))
+    return figs
+
+
+def _curve_figures(metrics: pd.DataFrame, labels: dict[str, str]) -> list:
+    figs = []
+    for metric in sorted(metrics["metric"].unique()):
+        sub = metrics[metrics["metric"] == metric]
+        fig = go.Figure()
+        for (trial, split), g in sub.groupby(["trial", "split"]):
+            g = g.sort_values("step")
+            fig.add_trace(go.Scatter(x=g["step"], y=g["value"], mode="lines+markers", marker={"size": 3},
+                                     name=f"{labels.get(trial, trial)} [{split}]"))
+        fig.update_layout(title=f"{metric} during training", xaxis_title="step", yaxis_title=metric)
+        figs.append((f"curve-{metric}", fig, ""))
+    return figs
+
+
+def build_report(results: str, sweep: str) -> str:
+    """Write <results>/<sweep>/report.html and return its path/URI."""
+    frames = load_sweep_frames(results, sweep)
+    inputs, trials, metrics = frames["inputs"], frames["trials"], frames["metrics"]
+    labels = trial_labels(trials) if len(trials) else {}
+
+    # blocks in page order: an HTML string, or (anchor, plotly figure, note)
+    blocks: list = []
+    if len(trials):
+        blocks.append("<h2>Trials</h2>" + _table_html(summary_table(inputs, trials, labels)))
+    if len(inputs):
+        blocks.append("<h2>Per-input reward std and gradient norm</h2>")
+        blocks += _extract_figures(inputs, labels)
+    controlled_trials = set(trials[trials["workload"] == "controlled"]["trial"]) if len(trials) else set()
+    curves = metrics[~metrics["trial"].isin(controlled_trials)] if len(metrics) else metrics
+    if len(curves):
+        blocks.append("<h2>Training curves</h2>")
+        blocks += _curve_figures(curves, labels)
+    if controlled_trials:
+        from .controlled_report import controlled_section
+
+        blocks.append("<h2>Controlled finetunes: modified (small reward std) vs unmodified inputs</h2>")
+        for item in controlled_section(metrics[metrics["trial"].isin(controlled_trials)],
+                                       trials[trials["trial"].isin(controlled_trials)]):
+            blocks.append(item if isinstance(item, str) else ("controlled", item, ""))
+    if not len(inputs) and not len(metrics):
+        blocks.append("<p>This sweep has written no samples or metrics yet.</p>")
+
+    body = []
+    first = True
+    for block in blocks:
+        if isinstance(block, str):
+            body.append(block)
+            continue
+        anchor, fig, note = block
+        fig.update_layout(height=520, template="plotly_white", legend={"font": {"size": 10}})
+        div = fig.to_html(full_html=False, include_plotlyjs="inline" if first else False)
+        first = False
+        body.append(f'<section id="{anchor}">{div}<p class="note">{note}</p></section>')
+
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rlgrad: {html.escape(sweep)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555;font-size:13px}}</style>
+</head><body><h1>rlgrad sweep <code>{html.escape(sweep)}</code></h1>
+<p>Reward std is the population (1/K) std of the K sampled rewards per input; gradient norm is the norm of the
+leave-one-out-baseline policy-gradient estimate over all trainable parameters. The tables behind every plot are in
+<code>inputs.parquet</code>, <code>samples/</code>, <code>metrics/</code> and <code>trials/</code> beside this file
+(query them with <code>rlgrad query</code>).</p>
+{''.join(body)}</body></html>"""
+    fs, base = resolve(results)
+    path = posixpath.join(base, sweep, "report.html")
+    with fs.open_output_stream(path) as f:
+        f.write(page.encode())
+    return path if "://" not in results else f"{results.split('://', 1)[0]}://{path}"

@@ -1,0 +1,42 @@
+"""Reading a sweep's Parquet tables back, schema-checked.
+
+`read_table(results, sweep, "samples")` unions every shard under
+<results>/<sweep>/samples/ (hidden temporary files are ignored, so a write
+in progress is never read) after checking each shard's schema version.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from workloads.tables import SCHEMAS, check_schema, resolve
+
+
+def table_dir(results: str, sweep: str, name: str) -> tuple[pafs.FileSystem, str]:
+    fs, base = resolve(results)
+    return fs, posixpath.join(base, sweep, name)
+
+
+def shard_dataset(results: str, sweep: str, name: str) -> ds.Dataset | None:
+    """A lazy dataset over all shards of table `name`, or None if there are none."""
+    if name not in SCHEMAS:
+        raise ValueError(f"unknown table {name!r}; allowed: {sorted(SCHEMAS)}")
+    fs, path = table_dir(results, sweep, name)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=SCHEMAS[name])
+    fragments = list(dataset.get_fragments())
+    if not fragments:
+        return None
+    for fragment in fragments:
+        check_schema(name, fragment.physical_schema, fragment.path)
+    return dataset
+
+
+def read_table(results: str, sweep: str, name: str) -> pa.Table | None:
+    dataset = shard_dataset(results, sweep, name)
+    return None if dataset is None else dataset.to_table()
