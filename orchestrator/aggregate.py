@@ -49,22 +49,22 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
         ("reward", "stddev", pc.VarianceOptions(ddof=0)),
         ("reward", "stddev", pc.VarianceOptions(ddof=1)),
         ("reward", "count"),
-        ("prompt", "first"),
-        ("model", "first"),
-        ("dataset", "first"),
+        ("prompt", "min"),  # one value per input; min is order-free (threads)
+        ("model", "min"),
+        ("dataset", "min"),
     ])
     # group_by names the two stddev columns alike; take them by position
     names = grouped.column_names
     std_cols = [i for i, n in enumerate(names) if n == "reward_stddev"]
     columns = {
         **{k: grouped[k] for k in KEYS},
-        "prompt": grouped["prompt_first"],
+        "prompt": grouped["prompt_min"],
         "num_samples": pc.cast(grouped["reward_count"], pa.int32()),
         "reward_mean": grouped["reward_mean"],
         "reward_std": grouped.column(std_cols[0]),
         "reward_std_unbiased": grouped.column(std_cols[1]),
-        "model": grouped["model_first"],
-        "dataset": grouped["dataset_first"],
+        "model": grouped["model_min"],
+        "dataset": grouped["dataset_min"],
     }
     table = pa.table(columns)
     if worker_inputs is not None and worker_inputs.num_rows:
