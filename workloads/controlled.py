@@ -160,16 +160,16 @@ def _decode_images(split, indices: np.ndarray, dataset: str) -> torch.Tensor:
     if column is None:
         raise ValueError(f"dataset {dataset!r}: no image column; expected one of {IMAGE_COLUMNS}, got {split.column_names}")
     images = []
-    for image in split.select(indices.tolist())[column]:
-        array = np.asarray(image, dtype=np.float32)
+    for image in split.select(indices.tolist())[column]:  # PIL images or (nested) arrays
+        array = np.asarray(image)
+        # integer pixels are 0..255; float pixels are taken as already in [0, 1]
+        array = array.astype(np.float32) / 255.0 if array.dtype.kind in "iub" else array.astype(np.float32)
         if array.ndim == 2:
             array = array[None]  # grey: (1, H, W)
         elif array.ndim == 3 and array.shape[-1] in (1, 3):
             array = array.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
         images.append(array)
     pixels = torch.from_numpy(np.stack(images))
-    if pixels.max() > 1.0:
-        pixels = pixels / 255.0  # uint8 images
     mean, std = PIXEL_NORMALISATION[dataset]
     if len(mean) != pixels.shape[1]:
         raise ValueError(f"dataset {dataset!r}: images have {pixels.shape[1]} channels, expected {len(mean)}")
