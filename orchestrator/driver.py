@@ -143,7 +143,7 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
         "parent_trial": trial.parent_trial,
         "config": trial.config.model_dump(mode="json"),
     }
-    _write_text(posixpath.join(base, "trials", trial.trial_id, "config.json"), json.dumps(record, indent=2))
+    _write_text(posixpath.join(base, "trials", trial.stage, trial.trial_id, "config.json"), json.dumps(record, indent=2))
 
     scaling = plan.stage.scaling
     trainer = TorchTrainer(
@@ -349,7 +349,6 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
     base = sweep_uri(results, spec.sweep)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     started_here = not ray.is_initialized()
     if started_here:
         context = ray.init(address=address, num_cpus=num_cpus if address is None else None,

@@ -28,11 +28,15 @@ def shard_dataset(results: str, sweep: str, name: str) -> ds.Dataset | None:
     fs, path = table_dir(results, sweep, name)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=SCHEMAS[name])
-    fragments = list(dataset.get_fragments())
-    if not fragments:
+    # only finished shards: *.parquet, not hidden temporaries, not other files (config.json)
+    files = sorted(
+        info.path for info in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and not info.base_name.startswith(".")
+    )
+    if not files:
         return None
-    for fragment in fragments:
+    dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMAS[name])
+    for fragment in dataset.get_fragments():
         check_schema(name, fragment.physical_schema, fragment.path)
     return dataset
 
