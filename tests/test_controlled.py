@@ -352,3 +352,26 @@ def test_digits_sft_fits_modified_labels_and_rft_does_not(tmp_path):
     assert sft[-1]["modified/accuracy"] > 0.9
     assert rft[-1]["modified/accuracy"] < 0.3
     assert sft[-1]["unmodified/accuracy"] > 0.9 and rft[-1]["unmodified/accuracy"] > 0.9
+
+    # the report section: the epochs-to-fit table tells the same story
+    import json
+
+    import plotly.graph_objects as go
+
+    from orchestrator.controlled_report import controlled_section, fit_table, _trial_info
+
+    trials = pd.DataFrame([
+        {"sweep": "local", "stage": stage, "trial": trial, "config_hash": "local", "workload": "controlled",
+         "params": json.dumps(params), "config": json.dumps({"opt_method": method})}
+        for stage, trial, method, params in [("pretrain", "p", "supervised", {}),
+                                             ("finetune", "supervised", "supervised", {"opt_method": "supervised"}),
+                                             ("finetune", "expected_reinforce", "expected_reinforce",
+                                              {"opt_method": "expected_reinforce"})]])
+    section = controlled_section(metrics, trials)
+    figures = [item for item in section if isinstance(item, go.Figure)]
+    assert len(figures) == 2 and all(isinstance(item, (str, go.Figure)) for item in section)
+    assert figures[0].layout.yaxis3.type == "log"  # gradient norms
+    table = fit_table(metrics, _trial_info(trials).query("stage == 'finetune'")).set_index("trial")
+    fit_column = "modified: epochs to accuracy >= 0.99"
+    assert isinstance(table.loc["supervised", fit_column], int)
+    assert table.loc["expected_reinforce", fit_column] == "not reached"
