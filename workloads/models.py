@@ -72,7 +72,7 @@ def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu",
         except (OSError, ValueError) as error:
             where = "the local directory" if local else "the Hugging Face hub (unreachable or unknown id?)"
             raise ModelNotAvailableError(
-                f"could not load model {name!r} from {where}: {error}. "
+                f"could not load model {name!r} from {where}: {str(error).rstrip('.')}. "
                 "Pass a local directory holding a save_pretrained checkpoint, or a builtin:* model."
             ) from error
     if tokenizer.pad_token_id is None:  # GPT-2 ships without a pad token
