@@ -170,10 +170,34 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
         ),
     )
     result = trainer.fit()
+    # Train V2 keeps the metrics of checkpointed reports only; a trial that
+    # wrote per-input rows is summarised from all its workers' shards instead.
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    final.update(inputs_summary(plan.results, plan.sweep, trial.stage, trial.trial_id))
     final["rlgrad_trial"] = trial.trial_id
     final["rlgrad_checkpoint"] = _checkpoint_uri(result.checkpoint, plan.results) if result.checkpoint else ""
     return final
+
+
+def inputs_summary(results: str, sweep: str, stage: str, trial: str,
+                   thresholds: tuple[float, ...] = (0.01, 0.05, 0.1)) -> dict[str, float]:
+    """Key numbers of one trial's `inputs` rows (empty if it wrote none)."""
+    import pyarrow.compute as pc
+
+    table = read_table(results, sweep, "inputs", stage, trial)
+    if table is None or table.num_rows == 0:
+        return {}
+    std = table["reward_std"]
+    summary = {
+        "num_inputs": table.num_rows,
+        "reward_mean": pc.mean(table["reward_mean"]).as_py(),
+        "reward_std_mean": pc.mean(std).as_py(),
+    }
+    for th in thresholds:
+        summary[f"share_reward_std_below_{th}"] = pc.mean(pc.cast(pc.less(std, th), "float64")).as_py()
+    if table["grad_norm"].null_count < table.num_rows:
+        summary["grad_norm_mean"] = pc.mean(table["grad_norm"]).as_py()
+    return summary
 
 
 def _checkpoint_uri(checkpoint, results: str) -> str:

@@ -21,11 +21,13 @@ def table_dir(results: str, sweep: str, name: str) -> tuple[pafs.FileSystem, str
     return fs, posixpath.join(base, sweep, name)
 
 
-def shard_dataset(results: str, sweep: str, name: str) -> ds.Dataset | None:
-    """A lazy dataset over all shards of table `name`, or None if there are none."""
+def shard_dataset(results: str, sweep: str, name: str, stage: str | None = None,
+                  trial: str | None = None) -> ds.Dataset | None:
+    """A lazy dataset over all shards of table `name` (of one stage / trial if given), or None."""
     if name not in SCHEMAS:
         raise ValueError(f"unknown table {name!r}; allowed: {sorted(SCHEMAS)}")
     fs, path = table_dir(results, sweep, name)
+    path = posixpath.join(path, *[p for p in (stage, trial if stage else None) if p])
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
     # only finished shards: *.parquet, not hidden temporaries, not other files (config.json)
@@ -41,6 +43,7 @@ def shard_dataset(results: str, sweep: str, name: str) -> ds.Dataset | None:
     return dataset
 
 
-def read_table(results: str, sweep: str, name: str) -> pa.Table | None:
-    dataset = shard_dataset(results, sweep, name)
+def read_table(results: str, sweep: str, name: str, stage: str | None = None,
+               trial: str | None = None) -> pa.Table | None:
+    dataset = shard_dataset(results, sweep, name, stage, trial)
     return None if dataset is None else dataset.to_table()
