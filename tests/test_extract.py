@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
 
 from workloads import tables

@@ -87,7 +87,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
             rewards = reward_fn([p for p in prompts for _ in range(K)], texts,
                                 [ex.target for ex in batch for _ in range(K)])
             repeated_prompt_ids = [p for p in prompt_ids for _ in range(K)]
-            with torch.no_grad():
+            with torch.no_grad():  # log pi_theta(y|x) of the model itself: temperature 1, no top-k/p
                 log_probs = sequence_log_probs(model, repeated_prompt_ids, outputs).tolist()
             reward_matrix = torch.tensor([r.value for r in rewards], dtype=torch.float64).view(len(batch), K)
             reward_mean, reward_std, reward_std_unbiased = reward_stats(reward_matrix)
