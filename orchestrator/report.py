@@ -168,6 +168,8 @@ def _curve_figures(metrics: pd.DataFrame, labels: dict[str, str]) -> list:
     figs = []
     for metric in sorted(metrics["metric"].unique()):
         sub = metrics[metrics["metric"] == metric]
+        if sub.groupby(["trial", "split"])["step"].nunique().max() < 2:
+            continue  # logged once per trial (a final evaluation): it is in the trials table
         fig = go.Figure()
         for (trial, split), g in sub.groupby(["trial", "split"]):
             g = g.sort_values("step")
