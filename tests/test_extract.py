@@ -129,3 +129,11 @@ def test_workers_split_the_shards(tmp_path):
     assert seen == [4 + 2, 4]  # shards 0 and 2 on rank 0, shard 1 on rank 1
     inputs = read(tmp_path, "inputs")
     assert len(inputs) == NUM_INPUTS and inputs.input_id.is_unique and inputs.grad_norm.isna().all()
+
+
+def test_registry_entry_point(tmp_path):
+    from workloads import run_workload
+
+    values = dict(num_inputs=3, num_samples_per_input=2, generation={"max_new_tokens": 4})
+    summary = run_workload("extract", values, local_context(str(tmp_path), show_progress=False))
+    assert summary["num_inputs"] == 3
