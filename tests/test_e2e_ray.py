@@ -1,0 +1,142 @@
+"""A scaled-down quickstart through real Ray: Tune trials hosting 2-worker CPU
+TorchTrainers, SFT -> extract by reference, Parquet shards, aggregation, report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from orchestrator.query import run_query
+from orchestrator.tables_io import read_table
+from workloads.tables import INPUTS, SAMPLES
+
+pytestmark = pytest.mark.ray
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_INPUTS, K = 12, 4
+
+
+def _scaled_down_quickstart(tmp_path) -> str:
+    with open(os.path.join(REPO, "search_spaces", "quickstart.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["sweep"] = "mini"
+    sft, extract = spec["stages"]
+    sft["config"].update(num_train_inputs=64, batch_size=8, log_every=5)
+    sft["search"]["grid"]["max_steps"] = [0, 10]
+    extract["config"].update(num_inputs=NUM_INPUTS, num_samples_per_input=K, batch_size=4, shard_size=4)
+    extract["config"]["generation"]["max_new_tokens"] = 8
+    extract["scaling"]["num_workers"] = 2
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _rlgrad(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
+
+
+def test_quickstart_pipeline_through_ray(tmp_path):
+    spec = _scaled_down_quickstart(tmp_path)
+    results = str(tmp_path / "results")
+    proc = _rlgrad("run", spec, "--results", results, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "report: " in out and "per-input table: " in out
+
+    trials = read_table(results, "mini", "trials").to_pylist()
+    sft = [t for t in trials if t["stage"] == "sft"]
+    extract = [t for t in trials if t["stage"] == "extract"]
+    assert len(sft) == 2 and len(extract) == 2
+    assert all(t["status"] == "TERMINATED" for t in trials)
+    # the extract stage started from each SFT checkpoint by reference, not by a pasted path
+    assert sorted(t["parent_trial"] for t in extract) == sorted(t["trial"] for t in sft)
+    for t in extract:
+        assert json.loads(t["config"])["model"] == f"@sft/{t['parent_trial']}"
+    for t in sft:
+        assert t["checkpoint"] and os.path.isdir(t["checkpoint"])
+        assert os.path.exists(os.path.join(results, "mini", "trials", "sft", t["trial"], "config.json"))
+        assert "loss" in json.loads(t["metrics"])
+
+    # samples: inputs x K rows per extraction trial, each (trial, input, sample) once, the declared schema
+    samples = read_table(results, "mini", "samples")
+    assert samples.schema.remove_metadata().equals(SAMPLES)
+    assert samples.num_rows == 2 * NUM_INPUTS * K
+    keys = {(r["trial"], r["input_id"], r["sample_idx"]) for r in samples.select(["trial", "input_id", "sample_idx"]).to_pylist()}
+    assert len(keys) == samples.num_rows
+    # both Train workers wrote shards
+    shard_dir = os.path.join(results, "mini", "samples", "extract", extract[0]["trial"])
+    assert len([f for f in os.listdir(shard_dir) if f.endswith(".parquet")]) == NUM_INPUTS // 4
+
+    inputs = pq.read_table(os.path.join(results, "mini", "inputs.parquet"))
+    assert inputs.schema.remove_metadata().equals(INPUTS)
+    assert inputs.num_rows == 2 * NUM_INPUTS
+    assert inputs.column("grad_norm").null_count == 0
+
+    page = open(os.path.join(results, "mini", "report.html"), encoding="utf-8").read()
+    for anchor in ("reward-mean-vs-std", "grad-norm-vs-std", "reward-std-distribution", "curve-loss"):
+        assert f'id="{anchor}"' in page
+    for t in extract:
+        assert t["trial"] in page or "max_steps" in page
+    assert "max_steps=10" in page  # trials are named by their SFT parent's parameters
+
+    # metrics table holds the SFT loss curve of the trained trial
+    loss = run_query(results, "SELECT count(*) AS n FROM metrics WHERE metric = 'loss'").to_pylist()[0]["n"]
+    assert loss >= 2
+
+    # rerunning the same file continues the sweep: nothing reruns, nothing is duplicated
+    again = _rlgrad("run", spec, "--results", results, "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished in an earlier run; skipped") == 4
+    assert read_table(results, "mini", "samples").num_rows == 2 * NUM_INPUTS * K
+
+    # query and status verbs work on the result
+    q = _rlgrad("query", "--results", results, "SELECT count(*) AS n FROM samples", "--format", "json", cwd=tmp_path)
+    assert q.returncode == 0 and json.loads(q.stdout.strip()) == {"n": 2 * NUM_INPUTS * K}
+    st = _rlgrad("status", "mini", "--results", results, cwd=tmp_path)
+    assert st.returncode == 0 and st.stdout.count("TERMINATED") == 4
+
+
+def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
+    spec = _scaled_down_quickstart(tmp_path)
+    results = tmp_path / "results"
+    (results / "mini").mkdir(parents=True)
+    (results / "mini" / "sweep.yaml").write_text("sweep: mini\nstages: []\n")
+    proc = _rlgrad("run", spec, "--results", str(results), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "already holds a different sweep named 'mini'" in proc.stderr
+    assert (results / "mini" / "sweep.yaml").read_text() == "sweep: mini\nstages: []\n"
+
+
+def test_optuna_search_over_a_nested_field(tmp_path):
+    spec = tmp_path / "opt.yaml"
+    spec.write_text("""
+sweep: opt
+stages:
+  - name: extract
+    workload: extract
+    config: {num_inputs: 4, num_samples_per_input: 2, batch_size: 4, shard_size: 4, generation: {max_new_tokens: 4}}
+    search:
+      optuna:
+        metric: reward_std_mean
+        mode: max
+        num_samples: 2
+        seed: 3
+        params:
+          generation.temperature: {loguniform: [0.5, 2.0]}
+    scaling: {num_workers: 1}
+""")
+    results = str(tmp_path / "results")
+    proc = _rlgrad("run", str(spec), "--results", results, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = read_table(results, "opt", "trials").to_pylist()
+    assert len(trials) == 2
+    temps = [json.loads(t["params"])["generation.temperature"] for t in trials]
+    assert all(0.5 <= t <= 2.0 for t in temps) and temps[0] != temps[1]
+    for t in trials:
+        assert json.loads(t["config"])["generation"]["temperature"] == json.loads(t["params"])["generation.temperature"]
+        assert "reward_std_mean" in json.loads(t["metrics"])  # the metric Optuna optimised reached Tune
