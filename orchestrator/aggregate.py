@@ -1,6 +1,6 @@
 """Shards -> one per-input table for the whole sweep.
 
-<results>/<sweep>/inputs.parquet holds one row per (stage, trial, input):
+<results>/<sweep>/inputs.parquet holds one row per (stage, trial, step, input):
 reward mean and std recomputed from the stored per-sample rewards (so the
 table is exactly what the `samples` rows say), joined with the gradient norm
 each worker measured. It also checks the shards' integrity: every
@@ -20,7 +20,7 @@ from workloads.tables import INPUTS, SCHEMA_VERSION, resolve, write_parquet_atom
 
 from .tables_io import read_table
 
-KEYS = ["sweep", "stage", "trial", "config_hash", "input_id"]
+KEYS = ["sweep", "stage", "trial", "config_hash", "step", "input_id"]
 
 
 class AggregationError(RuntimeError):
@@ -80,7 +80,7 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
     else:
         table = table.append_column("grad_norm", pa.nulls(table.num_rows, pa.float64()))
     table = table.select(INPUTS.names).cast(INPUTS)
-    table = table.sort_by([("stage", "ascending"), ("trial", "ascending"), ("input_id", "ascending")])
+    table = table.sort_by([("stage", "ascending"), ("trial", "ascending"), ("step", "ascending"), ("input_id", "ascending")])
     return table.replace_schema_metadata({"rlgrad.table": "inputs", "rlgrad.schema_version": SCHEMA_VERSION})
 
 

@@ -20,10 +20,10 @@ def _write_trial(results, sweep, trial, rewards_by_input, grad_norms=None, stage
     samples, inputs = [], []
     for input_id, rewards in rewards_by_input.items():
         for k, r in enumerate(rewards):
-            samples.append({"input_id": input_id, "sample_idx": k, "prompt": f"p{input_id}", "output": "o",
+            samples.append({"step": 0, "input_id": input_id, "sample_idx": k, "prompt": f"p{input_id}", "output": "o",
                             "reward": float(r), "reward_components": {"a": float(r)}, "log_prob": -1.0,
                             "num_tokens": 3, "model": "m", "dataset": "d"})
-        inputs.append({"input_id": input_id, "prompt": f"p{input_id}", "num_samples": len(rewards),
+        inputs.append({"step": 0, "input_id": input_id, "prompt": f"p{input_id}", "num_samples": len(rewards),
                        "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
                        "reward_std_unbiased": float(np.std(rewards, ddof=1)),
                        "grad_norm": None if grad_norms is None else grad_norms[input_id], "model": "m", "dataset": "d"})
@@ -64,7 +64,7 @@ def test_aggregation_detects_duplicated_and_lost_rows(tmp_path):
     with pytest.raises(AggregationError, match="lost or duplicated"):
         per_input_table(samples.slice(1), read_table(str(tmp_path), "s", "inputs"))
     # rewriting a shard under the same name replaces it: no duplicate rows, no temp files left
-    writer.write("samples", "inputs-000000-000099", samples.select(["input_id", "sample_idx", "reward"]).to_pylist())
+    writer.write("samples", "inputs-000000-000099", samples.select(["step", "input_id", "sample_idx", "reward"]).to_pylist())
     again = read_table(str(tmp_path), "s", "samples")
     assert again.num_rows == samples.num_rows
     shard_dir = tmp_path / "s" / "samples" / "extract" / "extract-a"
@@ -86,7 +86,7 @@ def test_table_builder_names_bad_columns():
     with pytest.raises(ValueError, match="unknown columns \\['rewardz'\\]"):
         to_table("samples", [{"input_id": 0, "sample_idx": 0, "rewardz": 1.0}])
     with pytest.raises(ValueError, match="'reward' must not be null"):
-        to_table("samples", [{"input_id": 0, "sample_idx": 0}], {"sweep": "s", "stage": "a", "trial": "t", "config_hash": "h"})
+        to_table("samples", [{"step": 0, "input_id": 0, "sample_idx": 0}], {"sweep": "s", "stage": "a", "trial": "t", "config_hash": "h"})
 
 
 def test_query_unions_sweeps_and_filters(tmp_path):

@@ -105,13 +105,13 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
                 for k in range(K):
                     row = i * K + k
                     sample_rows.append({
-                        "input_id": ex.input_id, "sample_idx": k, "prompt": prompts[i], "output": texts[row],
+                        "step": 0, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts[i], "output": texts[row],
                         "reward": rewards[row].value, "reward_components": rewards[row].components,
                         "log_prob": log_probs[row], "num_tokens": len(outputs[row]),
                         "model": config.model, "dataset": dataset,
                     })
                 input_rows.append({
-                    "input_id": ex.input_id, "prompt": prompts[i], "num_samples": K,
+                    "step": 0, "input_id": ex.input_id, "prompt": prompts[i], "num_samples": K,
                     "reward_mean": reward_mean[i].item(), "reward_std": reward_std[i].item(),
                     "reward_std_unbiased": reward_std_unbiased[i].item(), "grad_norm": grad_norms[i],
                     "model": config.model, "dataset": dataset,

@@ -34,10 +34,13 @@ IDENTITY_FIELDS = [
     pa.field("config_hash", pa.string(), nullable=False),
 ]
 
-# One row per (input, sample).
+# One row per (step, input, sample). `step` is the training step of the model
+# that drew the sample: 0 for extraction from a fixed model; a PPO run records
+# rollouts and before/after evaluations at their steps.
 SAMPLES = pa.schema(
     IDENTITY_FIELDS
     + [
+        pa.field("step", pa.int64(), nullable=False),
         pa.field("input_id", pa.int64(), nullable=False),
         pa.field("sample_idx", pa.int32(), nullable=False),
         pa.field("prompt", pa.string()),
@@ -53,10 +56,11 @@ SAMPLES = pa.schema(
     ]
 )
 
-# One row per input.
+# One row per (step, input).
 INPUTS = pa.schema(
     IDENTITY_FIELDS
     + [
+        pa.field("step", pa.int64(), nullable=False),
         pa.field("input_id", pa.int64(), nullable=False),
         pa.field("prompt", pa.string()),
         pa.field("num_samples", pa.int32(), nullable=False),
