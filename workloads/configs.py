@@ -93,11 +93,102 @@ class SFTConfig(StrictConfig):
     log_every: int = Field(10, ge=1)
 
 
+class NoopConfig(StrictConfig):
+    """A workload that does no science: for checking a cluster, the orchestrator's
+    overhead and its load behaviour. Reports `objective = -(x - 1)^2`, so a
+    search over `x` has a known optimum."""
+
+    checkpoint_field: ClassVar[str] = "init_checkpoint"
+    produces_checkpoint: ClassVar[bool] = False
+
+    x: float = 0.0
+    sleep_s: float = Field(0.0, ge=0)  # per report
+    num_reports: int = Field(1, ge=1)
+    init_checkpoint: Optional[str] = None
+
+
+class PPOConfig(StrictConfig):
+    """Actor-critic PPO on a language model (paper sections 4-5: "PPO" from the
+    pretrained model and "PPO on supervised" from an SFT checkpoint), with a
+    live monitor of per-prompt reward std and gradient norm.
+
+    Defaults are the RL4LMs reference configs the paper used (paper.md, "PPO
+    settings"): 5 epochs per rollout, minibatch 64, clip 0.2, lr 2e-6, initial
+    KL coefficient 0.001-0.2 with an adaptive target, temperature 1. The
+    rollout size (prompts_per_rollout x samples_per_prompt completions) is
+    ours: RL4LMs collects 128-512 steps across 10 environments with one
+    sample per prompt; K >= 2 samples per prompt make each prompt's reward
+    std observable during training."""
+
+    checkpoint_field: ClassVar[str] = "model"  # `from_stage: sft` fills in the SFT checkpoint
+    produces_checkpoint: ClassVar[bool] = True
+
+    # policy, task and reward
+    model: str = "builtin:tiny-gpt2"  # also the frozen reference model of the KL penalty
+    task: str = "reverse"
+    reward: str = "task"  # "task" = the task's default reward (workloads.tasks.default_reward)
+    reward_args: dict = {}  # keyword arguments of the reward factory
+    num_train_inputs: int = Field(5000, ge=1)  # prompts are drawn from this many train inputs
+    generation: GenerationConfig = GenerationConfig()  # rollout sampling (paper: temperature 1)
+    # rollouts
+    num_rollouts: int = Field(100, ge=0)  # PPO iterations (rollout + ppo_epochs of updates); the `step`
+    prompts_per_rollout: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(4, ge=2)  # K completions per prompt: per-prompt reward std
+    # optimisation (RL4LMs reference configs)
+    learning_rate: float = Field(2e-6, gt=0)  # paper: 1e-6 to 2e-6 for t5-base / gpt2
+    weight_decay: float = Field(0.0, ge=0)
+    ppo_epochs: int = Field(5, ge=1)  # passes over each rollout
+    minibatch_size: int = Field(64, ge=1)  # completions per optimiser step, summed over workers
+    clip_range: float = Field(0.2, gt=0, lt=1)  # policy ratio clip epsilon
+    value_clip_range: Optional[float] = Field(0.2, gt=0)  # None: unclipped value loss
+    vf_coef: float = Field(0.5, ge=0)
+    ent_coef: float = Field(0.0, ge=0)  # paper: 0 or 0.01
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    normalize_advantages: bool = True  # whiten advantages over the rollout's tokens
+    max_grad_norm: Optional[float] = Field(0.5, gt=0)  # None: no gradient clipping
+    # KL penalty to the initial policy and its adaptive controller (Ziegler et al. 2019)
+    kl_coef: float = Field(0.01, ge=0)  # initial coefficient; paper: 0.001-0.2
+    target_kl: Optional[float] = Field(0.1, gt=0)  # per-sequence KL target; None = fixed kl_coef
+    kl_horizon: int = Field(10000, ge=1)  # controller horizon in completions (RL4LMs: 10000)
+    # bookkeeping and the monitor
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # rollouts between monitor-set evaluations; 0 = only first and last
+    num_eval_inputs: int = Field(64, ge=1)  # fixed monitor set: the first train inputs of the pool
+    monitor_reward_std_thresholds: list[float] = [0.01, 0.05, 0.1]
+    monitor_grad_norm: bool = True  # per-prompt policy-gradient norms of every rollout
+    checkpoint_every: int = Field(0, ge=0)  # rollouts between checkpoints; 0 = only at the end
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        rollout_size = self.prompts_per_rollout * self.samples_per_prompt
+        if self.minibatch_size > rollout_size:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) exceeds a rollout's "
+                             f"{rollout_size} completions (prompts_per_rollout x samples_per_prompt)")
+        if self.prompts_per_rollout > self.num_train_inputs:
+            raise ValueError(f"prompts_per_rollout ({self.prompts_per_rollout}) exceeds num_train_inputs "
+                             f"({self.num_train_inputs})")
+        if self.num_eval_inputs > self.num_train_inputs:
+            raise ValueError(f"num_eval_inputs ({self.num_eval_inputs}) exceeds num_train_inputs "
+                             f"({self.num_train_inputs}): the monitor set is drawn from the train inputs")
+        if self.target_kl is not None and self.kl_coef == 0:
+            raise ValueError("an adaptive KL controller (target_kl) cannot grow a kl_coef of 0; "
+                             "set kl_coef > 0 or target_kl: null")
+        thresholds = self.monitor_reward_std_thresholds
+        if not thresholds or any(t <= 0 for t in thresholds) or sorted(set(thresholds)) != thresholds:
+            raise ValueError(f"monitor_reward_std_thresholds must be positive and strictly increasing, got {thresholds}")
+        if self.reward == "task" and self.reward_args:
+            raise ValueError("reward_args needs an explicit reward name (reward: task takes no arguments)")
+        return self
+
+
 # name -> (config class, "module:function" of the workload entry point).
 # Entry points are imported lazily so that this registry stays torch-free.
 WORKLOADS: dict[str, tuple[type[StrictConfig], str]] = {
     "extract": (ExtractConfig, "workloads.extract:run_extract"),
     "sft": (SFTConfig, "workloads.sft:run_sft"),
+    "ppo": (PPOConfig, "workloads.ppo:run_ppo"),
+    "noop": (NoopConfig, "workloads.noop:run_noop"),
 }
 
 
