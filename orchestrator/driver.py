@@ -85,40 +85,90 @@ def check_results_dir(spec: SweepSpec, results: str) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- the Train worker
+# ---------------------------------------------------------------- the workers
 
 
-def _train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: build the context, run the workload."""
-    import ray.train
-    import ray.train.torch
+def _dashboard_gauges(identity: dict):
+    """Every numeric metric a workload reports also becomes a Ray metric
+    (`rlgrad_<name>`, tagged with sweep/stage/trial), exported by each node's
+    metrics agent to Prometheus and the dashboard's Metrics view."""
+    from ray.util.metrics import Gauge
 
+    gauges: dict[str, Gauge] = {}
+    tags = {k: identity[k] for k in ("sweep", "stage", "trial")}
+
+    def record(metrics: dict) -> None:
+        for name, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            key = "rlgrad_" + "".join(c if c.isalnum() else "_" for c in name)
+            if key not in gauges:
+                gauges[key] = Gauge(key, description=f"rlgrad workload metric {name}", tag_keys=tuple(tags))
+            gauges[key].set(float(value), tags=tags)
+
+    return record
+
+
+def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, report, resume_dir) -> None:
+    """Build the workload's context around Ray's report/checkpoint calls and run it."""
     from workloads import run_workload, validate_config
     from workloads.context import WorkloadContext
 
-    train_ctx = ray.train.get_context()
     config = validate_config(loop_config["workload"], loop_config["config"])
     if loop_config["parent_checkpoint"]:
-        local_dir = ray.train.Checkpoint(loop_config["parent_checkpoint"]).to_directory()
-        config = config.model_copy(update={loop_config["checkpoint_field"]: local_dir})
+        from ray.train import Checkpoint
 
-    resume = ray.train.get_checkpoint()  # set when Ray restarted this worker group
+        local_dir = Checkpoint(loop_config["parent_checkpoint"]).to_directory()
+        config = config.model_copy(update={loop_config["checkpoint_field"]: local_dir})
+    record = _dashboard_gauges(loop_config["identity"])
 
     def report_fn(metrics: dict, checkpoint_dir: str | None) -> None:
+        record(metrics)
+        if rank == 0:  # the trial's final result (and Optuna) read the last report from here
+            _write_text(loop_config["last_metrics_uri"], json.dumps(metrics, default=float))
+        report(metrics, checkpoint_dir)
+
+    ctx = WorkloadContext(
+        writer=ShardWriter(loop_config["results"], **loop_config["identity"]),
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        report_fn=report_fn,
+        resume_from=resume_dir,
+        show_progress=loop_config["show_progress"],
+        num_cpus=loop_config["cpus_per_worker"],
+    )
+    run_workload(loop_config["workload"], config, ctx)
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    train_ctx = ray.train.get_context()
+    resume = ray.train.get_checkpoint()  # set when Ray restarted this worker group or the run
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    identity = loop_config["identity"]
-    ctx = WorkloadContext(
-        writer=ShardWriter(loop_config["results"], **identity),
-        rank=train_ctx.get_world_rank(),
-        world_size=train_ctx.get_world_size(),
-        device=str(ray.train.torch.get_device()),
-        report_fn=report_fn,
-        resume_from=resume.to_directory() if resume else None,
-        show_progress=loop_config["show_progress"],
-    )
-    run_workload(loop_config["workload"], config, ctx)
+    _run_in_context(loop_config, train_ctx.get_world_rank(), train_ctx.get_world_size(),
+                    str(ray.train.torch.get_device()), report, resume.to_directory() if resume else None)
+
+
+def _run_inline(loop_config: dict, use_gpu: bool) -> None:
+    """num_workers: 0 -- the workload runs in the Tune trial process itself."""
+    from ray import tune
+
+    resume = tune.get_checkpoint()  # set when Tune restarted this trial
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    _run_in_context(loop_config, 0, 1, "cuda" if use_gpu else "cpu", report,
+                    resume.to_directory() if resume else None)
 
 
 # ---------------------------------------------------------------- the Tune trial
@@ -146,17 +196,34 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
     _write_text(posixpath.join(base, "trials", trial.stage, trial.trial_id, "config.json"), json.dumps(record, indent=2))
 
     scaling = plan.stage.scaling
+    loop_config = {
+        "workload": trial.workload,
+        "config": trial.config.model_dump(mode="json"),
+        "checkpoint_field": WORKLOADS[trial.workload][0].checkpoint_field,
+        "parent_checkpoint": plan.parent_checkpoints.get(trial.parent_trial) if trial.parent_trial else None,
+        "identity": {"sweep": plan.sweep, "stage": trial.stage, "trial": trial.trial_id, "config_hash": trial.config_hash},
+        "results": plan.results,
+        "show_progress": plan.show_progress,
+        "cpus_per_worker": scaling.cpus_per_worker,
+        "last_metrics_uri": posixpath.join(base, "trials", trial.stage, trial.trial_id, "last_metrics.json"),
+    }
+
+    def final_result(checkpoint_uri: str | None) -> dict:
+        """The last metrics rank 0 reported, a summary of the trial's inputs rows, and its identity."""
+        last = json.loads(_read_text(loop_config["last_metrics_uri"]) or "{}")
+        final = {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))}
+        final.update(inputs_summary(plan.results, plan.sweep, trial.stage, trial.trial_id))
+        final["rlgrad_trial"] = trial.trial_id
+        final["rlgrad_checkpoint"] = checkpoint_uri or ""
+        return final
+
+    if scaling.num_workers == 0:
+        _run_inline(loop_config, scaling.use_gpu)
+        return final_result(None)  # Tune holds an inline trial's checkpoints
+
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={
-            "workload": trial.workload,
-            "config": trial.config.model_dump(mode="json"),
-            "checkpoint_field": WORKLOADS[trial.workload][0].checkpoint_field,
-            "parent_checkpoint": plan.parent_checkpoints.get(trial.parent_trial) if trial.parent_trial else None,
-            "identity": {"sweep": plan.sweep, "stage": trial.stage, "trial": trial.trial_id, "config_hash": trial.config_hash},
-            "results": plan.results,
-            "show_progress": plan.show_progress,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -170,13 +237,9 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
         ),
     )
     result = trainer.fit()
-    # Train V2 keeps the metrics of checkpointed reports only; a trial that
-    # wrote per-input rows is summarised from all its workers' shards instead.
-    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
-    final.update(inputs_summary(plan.results, plan.sweep, trial.stage, trial.trial_id))
-    final["rlgrad_trial"] = trial.trial_id
-    final["rlgrad_checkpoint"] = _checkpoint_uri(result.checkpoint, plan.results) if result.checkpoint else ""
-    return final
+    # Train V2's result keeps only checkpointed metrics, and rank 0 sees only its
+    # share of the inputs: take its last report and summarise all workers' rows.
+    return final_result(_checkpoint_uri(result.checkpoint, plan.results) if result.checkpoint else None)
 
 
 def inputs_summary(results: str, sweep: str, stage: str, trial: str,
@@ -217,7 +280,8 @@ def _max_concurrent(stage: StageSpec, override: int | None) -> int:
     import ray
 
     total = ray.cluster_resources()
-    need = {k: v * stage.scaling.num_workers for k, v in stage.scaling.resources_per_worker().items() if v > 0}
+    workers = max(1, stage.scaling.num_workers)  # an inline trial holds one worker's resources
+    need = {k: v * workers for k, v in stage.scaling.resources_per_worker().items() if v > 0}
     fits = [math.floor(total.get(k, 0) / v) for k, v in need.items()]
     return max(1, min(fits) if fits else 1)
 
@@ -269,15 +333,21 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
     plan = StagePlan(spec.sweep, results, stage, parent_checkpoints, show_progress)
     outcomes: list[TrialOutcome] = []
     base = sweep_uri(results, spec.sweep)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial_fn, plan=plan),
+    if stage.scaling.num_workers == 0:
+        # inline: the trial runs the workload, so it holds the worker's resources
+        per = stage.scaling.resources_per_worker()
+        resources = {"cpu": per["CPU"], "gpu": per.get("GPU", 0)} | ({"memory": per["memory"]} if "memory" in per else {})
+    else:
         # The hosting trial only waits on its TorchTrainer; the workers hold the
         # resources. Ray needs a non-empty bundle, so ask for a little memory.
-        {"cpu": 0, "memory": 64 * 1024**2},
-    )
+        resources = {"cpu": 0, "memory": 64 * 1024**2}
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, plan=plan), resources)
     tune_run = dict(
         storage_path=posixpath.join(base, "_tune"),
         callbacks=[_make_progress_callback(stage)],
+        # inline trials are restarted by Tune (from their last checkpoint);
+        # worker groups by Ray Train's FailureConfig
+        failure_config=tune.FailureConfig(max_failures=stage.failure.max_failures if stage.scaling.num_workers == 0 else 0),
         verbose=0,
     )
 
@@ -324,7 +394,8 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
             trial = resolve_trial(stage, point["params"], point["parent"])
             metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
             if result.error is None:
-                ckpt = metrics.get("rlgrad_checkpoint") or None
+                ckpt = metrics.get("rlgrad_checkpoint") or (_checkpoint_uri(result.checkpoint, results)
+                                                            if result.checkpoint else None)
                 outcomes.append(TrialOutcome(trial, "TERMINATED", ckpt, metrics))
             else:
                 outcomes.append(TrialOutcome(trial, "ERROR", None, metrics, error=str(result.error).splitlines()[0][:500]))
@@ -334,10 +405,17 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
     return outcomes
 
 
+# Tune's own bookkeeping in every result; not worth keeping in the trials table
+_TUNE_KEYS = {"date", "done", "experiment_tag", "hostname", "iterations_since_restore", "node_ip", "pid",
+              "time_since_restore", "time_this_iter_s", "timestamp", "training_iteration", "trial_id",
+              "checkpoint_dir_name", "should_checkpoint"}
+
+
 def _record_trial(results: str, sweep: str, outcome: TrialOutcome) -> None:
     trial = outcome.trial
     writer = ShardWriter(results, sweep, trial.stage, trial.trial_id, trial.config_hash)
-    metrics = {k: v for k, v in outcome.metrics.items() if not k.startswith("rlgrad_")}
+    metrics = {k: v for k, v in outcome.metrics.items()
+               if not k.startswith(("rlgrad_", "config/")) and k not in _TUNE_KEYS}
     if outcome.error:
         metrics["error"] = outcome.error
     writer.write("trials", "trial", [{

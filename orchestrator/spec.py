@@ -38,9 +38,14 @@ class _Strict(BaseModel):
 
 
 class ScalingSpec(_Strict):
-    """Maps onto ray.train.ScalingConfig."""
+    """Maps onto ray.train.ScalingConfig.
 
-    num_workers: int = Field(1, ge=1)
+    num_workers: 0 runs the workload inline in the Tune trial process, without a
+    Ray Train worker group (as Ray Train's own num_workers=0 local mode does):
+    for tiny stages where a worker group's ~10 s start-up would dominate. The
+    trial then holds the per-worker resources itself."""
+
+    num_workers: int = Field(1, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(1.0, ge=0)  # only used when use_gpu
@@ -164,16 +169,18 @@ def _fail(source: str, message: str):
 
 
 def get_dotted(model_cls: type[BaseModel], dotted: str):
-    """The pydantic field at a dotted path (e.g. generation.temperature), or None."""
-    cls: Any = model_cls
+    """The pydantic field at a dotted path (e.g. generation.temperature), or None.
+    A union of models (e.g. ControlledConfig.model) is searched member by member."""
+    candidates: list[Any] = [model_cls]
     field = None
     for part in dotted.split("."):
-        fields = getattr(cls, "model_fields", None)
-        if fields is None or part not in fields:
+        field = next((c.model_fields[part] for c in candidates if part in getattr(c, "model_fields", {})), None)
+        if field is None:
             return None
-        field = fields[part]
         annotation = field.annotation
-        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        members = [annotation, *getattr(annotation, "__args__", ())]
+        members += [m for a in members for m in getattr(a, "__args__", ())]  # Annotated[Union[...], ...]
+        candidates = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
     return field
 
 

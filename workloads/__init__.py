@@ -24,6 +24,10 @@ def run_workload(workload: str, config, ctx):
     config_cls, entry = WORKLOADS[workload]
     if not isinstance(config, config_cls):
         config = validate_config(workload, config)
+    if ctx.num_cpus is not None:
+        import torch
+
+        torch.set_num_threads(max(1, int(ctx.num_cpus)))
     module_name, func_name = entry.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

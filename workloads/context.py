@@ -30,6 +30,9 @@ class WorkloadContext:
     # local directory of the checkpoint to resume from (a retried worker), if any
     resume_from: str | None = None
     show_progress: bool = True
+    # CPUs this worker holds: torch's intra-op threads are set to match (more
+    # threads than cores slows small models down many times)
+    num_cpus: float | None = None
     _metric_rows: list[dict] = field(default_factory=list, repr=False)
     _metrics_flushed_at: int = field(default=-1, repr=False)
 
