@@ -17,7 +17,7 @@ The orchestrator fills `model` in with a checkpoint directory when a stage says
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,7 +58,10 @@ class ExtractConfig(StrictConfig):
     produces_checkpoint: ClassVar[bool] = False
 
     model: str = "builtin:tiny-gpt2"
-    task: str = "reverse"  # built-in offline task; GRUE tasks arrive with issue 4
+    task: str = "reverse"  # built-in offline task, or a GRUE task (workloads/grue.py)
+    dataset_path: Optional[str] = None  # GRUE: local copy (save_to_disk dir or <split>.parquet/.jsonl/.csv)
+    reward: str = "task"  # "task" = the task's default reward (workloads.tasks.default_reward)
+    reward_args: dict[str, Any] = {}  # arguments of a named reward (workloads/rewards.py)
     split: Literal["train", "validation", "test"] = "train"
     num_inputs: int = Field(5000, ge=1)  # paper: 5,000 random train inputs
     num_samples_per_input: int = Field(10, ge=2)  # paper: 10 samples per input (K)
@@ -69,6 +72,15 @@ class ExtractConfig(StrictConfig):
     grad_norm_dtype: Literal["float32", "float64"] = "float32"
     shard_size: int = Field(256, ge=1)  # inputs per Parquet shard (unit of resumption)
     reward_std_thresholds: list[float] = [0.01, 0.05, 0.1]  # reported shares
+
+    @model_validator(mode="after")
+    def _reward_can_run(self):
+        # fails here, before any worker starts: unknown task or reward, bad reward
+        # arguments, METEOR without WordNet data, a learned reward's model unavailable
+        from .tasks import check_task_and_reward
+
+        check_task_and_reward(self.task, self.reward, self.reward_args)
+        return self
 
 
 class SFTConfig(StrictConfig):
@@ -81,6 +93,9 @@ class SFTConfig(StrictConfig):
 
     model: str = "builtin:tiny-gpt2"
     task: str = "reverse"
+    dataset_path: Optional[str] = None  # GRUE: local copy (save_to_disk dir or <split>.parquet/.jsonl/.csv)
+    reward: str = "task"  # of the held-out evaluation; "task" = the task's default reward
+    reward_args: dict[str, Any] = {}
     num_train_inputs: int = Field(5000, ge=1)
     frac_train_samples: float = Field(1.0, gt=0, le=1)  # section 5.2: labelled fraction
     max_steps: int = Field(-1, ge=-1)  # section 5.2: step cap; -1 = run num_epochs
@@ -91,6 +106,13 @@ class SFTConfig(StrictConfig):
     max_prompt_length: int = Field(512, ge=1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _reward_can_run(self):
+        from .tasks import check_task_and_reward  # see ExtractConfig
+
+        check_task_and_reward(self.task, self.reward, self.reward_args)
+        return self
 
 
 class NoopConfig(StrictConfig):

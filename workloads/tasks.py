@@ -1,42 +1,70 @@
-"""Text tasks by name: where every LM workload gets its inputs, prompts and default reward.
+"""Text tasks by name: where every LM workload gets its inputs, prompts and rewards.
 
-    get_examples(task, split, indices) -> [Example(input_id, source, target, references)]
-    split_size(task, split) -> int
-    choose_inputs(task, split, num_inputs, seed) -> [input index]
+    get_examples(task, split, indices, dataset_path=None) -> [example: input_id, source, target, references?]
+    split_size(task, split, dataset_path=None) -> int
+    choose_inputs(task, split, num_inputs, seed, dataset_path=None) -> [input index]
     prompt_text(task, example, is_encoder_decoder) -> str   # what the model is conditioned on
-    default_reward(task) -> name of the reward registered in workloads.rewards
+    references(task, example) -> [str]                      # everything the reward compares against
+    default_reward(task) -> name of the task's reward in workloads.rewards
+    default_reward_args(task) -> that reward's arguments (IWSLT: tokenize intl, IMDB: the classifier)
+    resolve_reward(task, reward, reward_args) -> (name, args)  # a config's `reward: task` made concrete
 
-The built-in offline task is `reverse` (workloads/text_task.py); the GRUE
-tasks register here too.
+Tasks: the built-in offline `reverse` (workloads/text_task.py) and the seven
+GRUE tasks (workloads/grue.py), which read the hub or a local copy given by
+`dataset_path` (ignored by `reverse`, which needs no data).
+
+This module is light to import (no torch, no datasets, no transformers), so the
+configs can check a task and its reward while they are validated.
 """
 
 from __future__ import annotations
 
-from . import text_task
+import importlib
 
-BUILTIN = {"reverse": text_task}
+from . import grue
 
-
-def _module(task: str):
-    if task not in BUILTIN:
-        raise ValueError(f"unknown task {task!r}; allowed: {sorted(BUILTIN)}")
-    return BUILTIN[task]
+BUILTIN_TASKS = ("reverse",)
+TASKS = (*BUILTIN_TASKS, *grue.GRUE_TASKS)
+TASK_REWARD = "task"  # the config value that means "this task's default reward"
 
 
-def get_examples(task: str, split: str, indices: list[int]):
-    return _module(task).get_examples(task, split, indices)
+def _check(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
 
 
-def split_size(task: str, split: str) -> int:
-    return _module(task).split_size(task, split)
+def _text_task():
+    return importlib.import_module(".text_task", __package__)  # tokenizers/transformers: import when used
 
 
-def choose_inputs(task: str, split: str, num_inputs: int, seed: int) -> list[int]:
-    return _module(task).choose_inputs(task, split, num_inputs, seed)
+def get_examples(task: str, split: str, indices: list[int], dataset_path: str | None = None):
+    _check(task)
+    if task in BUILTIN_TASKS:
+        return _text_task().get_examples(task, split, indices)
+    return grue.get_examples(task, split, indices, dataset_path)
+
+
+def split_size(task: str, split: str, dataset_path: str | None = None) -> int:
+    _check(task)
+    if task in BUILTIN_TASKS:
+        return _text_task().split_size(task, split)
+    return grue.split_size(task, split, dataset_path)
+
+
+def choose_inputs(task: str, split: str, num_inputs: int, seed: int, dataset_path: str | None = None) -> list[int]:
+    _check(task)
+    if task in BUILTIN_TASKS:
+        return _text_task().choose_inputs(task, split, num_inputs, seed)
+    return grue.choose_inputs(task, split, num_inputs, seed, dataset_path)
 
 
 def prompt_text(task: str, example, is_encoder_decoder: bool) -> str:
-    return _module(task).prompt_text(example.source, is_encoder_decoder)
+    _check(task)
+    if task in BUILTIN_TASKS:
+        return _text_task().prompt_text(example.source, is_encoder_decoder)
+    # GRUE prompts are the same text for both model kinds: T5 tasks carry their
+    # prefix, GPT-2 tasks (DailyDialog, IMDB) are continuations of the prompt
+    return example.source
 
 
 def references(task: str, example) -> list[str]:
@@ -45,5 +73,30 @@ def references(task: str, example) -> list[str]:
 
 
 def default_reward(task: str) -> str:
-    _module(task)
-    return task
+    _check(task)
+    return task if task in BUILTIN_TASKS else grue.DEFAULT_REWARDS[task][0]
+
+
+def default_reward_args(task: str) -> dict:
+    _check(task)
+    return {} if task in BUILTIN_TASKS else dict(grue.DEFAULT_REWARDS[task][1])
+
+
+def resolve_reward(task: str, reward: str = TASK_REWARD, reward_args: dict | None = None) -> tuple[str, dict]:
+    """(reward name, arguments) of a config: `reward: task` is the task's default
+    reward with its default arguments; a named reward takes `reward_args` as given."""
+    if reward == TASK_REWARD:
+        if reward_args:
+            raise ValueError("reward_args needs an explicit reward name (reward: task takes the task's "
+                             f"default arguments {default_reward_args(task)})")
+        return default_reward(task), default_reward_args(task)
+    return reward, dict(reward_args or {})
+
+
+def check_task_and_reward(task: str, reward: str = TASK_REWARD, reward_args: dict | None = None) -> None:
+    """What the workload configs run when validated: the task exists and its
+    reward can run here (see workloads.rewards.check_reward_available)."""
+    from .rewards import check_reward_available
+
+    _check(task)
+    check_reward_available(*resolve_reward(task, reward, reward_args))

@@ -1,0 +1,390 @@
+"""The seven GRUE text tasks of the paper's experiment family 1, loaded from the
+Hugging Face hub or from a local copy, in the prompt formats of the reference
+configs (apple/ml-rlgrad rl4lms_scripts/, built on allenai/RL4LMs datapools).
+
+    task            hub dataset (config)                        prompt                                    references
+    narrative_qa    deepmind/narrativeqa                        "<question> \\n <summary>", lowercased    both answers, lowercased
+    totto           google-research-datasets/totto              highlighted subtable, linearized twice    every final_sentence
+                                                                (without, then with page/section titles)
+    common_gen      GEM/common_gen                              "generate a sentence with: c1 c2 c3."     every target of the concept set
+    iwslt2017       IWSLT/iwslt2017 (iwslt2017-de-en)           "translate English to German: <en>"       the German sentence
+    cnn_daily_mail  abisee/cnn_dailymail (3.0.0)                "Summarize: <article>"                    the highlights
+    daily_dialog    li2017dailydialog/daily_dialog              last 5 turns joined by <EOU>, then " <EOU>"  the next turn + "<EOU>"
+    imdb            stanfordnlp/imdb                            first half of the review's words          the second half
+
+Every example carries all its references; `target` (what SFT trains on) is the
+first one. Prompt length limits (512 tokens, 64 for IMDB, ...) are applied by
+the workloads when they tokenize (`generation.max_prompt_length`).
+
+Where the data comes from:
+  * `dataset_path` (a local copy): a directory saved with `save_to_disk`
+    (a DatasetDict, or one Dataset per split in <path>/<split>/), or files
+    <path>/<split>.parquet | .jsonl | .json | .csv with the hub dataset's
+    columns (csv only for flat columns: cnn_daily_mail, imdb);
+  * otherwise the hub id above. Without network the hub is probed once with a
+    short timeout, and a missing dataset fails at once (instead of after the
+    `datasets` library's half-minute of retries) with an error that says how to
+    point at a local copy. With HF_DATASETS_OFFLINE=1 (or HF_HUB_OFFLINE=1)
+    the Hugging Face cache is used without probing.
+
+This module is torch-free; `datasets` (slow to import) is imported when data
+is first loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import numpy as np
+
+EOU = "<EOU>"  # DailyDialog's end-of-utterance marker (RL4LMs)
+DAILY_DIALOG_CONTEXT_TURNS = 5
+IMDB_SHUFFLE_SEED = 42  # the reference datapool shuffles IMDB with seed 42 before splitting
+IMDB_TRAIN_FRACTION = 0.8  # of the hub's train split; the rest is our validation split
+IMDB_TEST_SIZE = 5000  # the reference datapool keeps 5,000 shuffled test reviews
+HUB_PROBE_TIMEOUT_S = 3.0
+SPLITS = ("train", "validation", "test")
+
+
+class DatasetNotAvailableError(OSError):
+    """A GRUE dataset that is neither in a local copy nor loadable from the hub."""
+
+
+@dataclass(frozen=True)
+class TextExample:
+    input_id: int  # position of the input in its split (after grouping / filtering)
+    source: str  # the full prompt text, prefix included
+    target: str  # the first reference: what SFT trains on
+    references: tuple[str, ...]  # all references: what the rewards score against
+
+
+# --------------------------------------------------------------------------
+# prompt and reference formats, one pair of functions per task:
+#   index(table, split) -> one key per input (which rows it is built from)
+#   build(table, key)   -> (prompt, references)
+# --------------------------------------------------------------------------
+
+def _one_input_per_row(table, split: str) -> list[int]:
+    return list(range(len(table)))
+
+
+def _narrative_qa(table, row: int) -> tuple[str, list[str]]:
+    # UnifiedQA's text format, which RL4LMs reads: question, a literal "\n", the
+    # story summary, all lowercased; answers lowercased and stripped
+    item = table[row]
+    summary = " ".join(item["document"]["summary"]["text"].splitlines())  # one line, as in the TSV
+    prompt = f"{item['question']['text']} \\n {summary}".lower()
+    answers = [a["text"] for a in _records(item["answers"])]
+    return prompt, [a.lower().strip() for a in answers]
+
+
+def _totto(table, row: int) -> tuple[str, list[str]]:
+    item = table[row]
+    cells = _highlighted_cells_with_headers(item["table"], item["highlighted_cells"])
+    # the reference datapool's 'subtable' representation: the subtable without
+    # titles immediately followed by the subtable with them
+    prompt = _linearize(cells, None, None) + _linearize(cells, item["table_page_title"], item["table_section_title"])
+    annotations = _records(item["sentence_annotations"])
+    references = [a["final_sentence"] for a in annotations] or [""]  # the test split has no references
+    return prompt, references
+
+
+def _common_gen_index(table, split: str) -> list[tuple[int, ...]]:
+    # one input per concept set (the hub has one row per (concept set, target)),
+    # so every input carries all its human references
+    groups: dict[Any, list[int]] = {}
+    keys = table["concept_set_id"] if "concept_set_id" in table.column_names else map(tuple, table["concepts"])
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    return [tuple(rows) for rows in groups.values()]
+
+
+def _common_gen(table, rows: tuple[int, ...]) -> tuple[str, list[str]]:
+    items = [table[row] for row in rows]
+    prompt = "generate a sentence with: " + " ".join(items[0]["concepts"]) + "."
+    references: list[str] = []
+    for item in items:
+        for reference in [item["target"], *(item.get("references") or [])]:
+            if reference and reference not in references:
+                references.append(reference)
+    return prompt, references or ["empty reference"]  # RL4LMs' stand-in for an empty target
+
+
+def _iwslt2017(table, row: int) -> tuple[str, list[str]]:
+    pair = table[row]["translation"]
+    return "translate English to German: " + pair["en"], [pair["de"]]
+
+
+def _cnn_daily_mail(table, row: int) -> tuple[str, list[str]]:
+    item = table[row]
+    return "Summarize: " + item["article"], [item["highlights"]]
+
+
+def _daily_dialog_index(table, split: str) -> list[tuple[int, int]]:
+    # one input per turn that has a full context of 5 earlier turns
+    return [(row, turn) for row, dialog in enumerate(table["dialog"])
+            for turn in range(DAILY_DIALOG_CONTEXT_TURNS, len(dialog))]
+
+
+def _daily_dialog(table, key: tuple[int, int]) -> tuple[str, list[str]]:
+    row, turn = key
+    dialog = table[row]["dialog"]
+    context = EOU.join(dialog[turn - DAILY_DIALOG_CONTEXT_TURNS : turn]) + " " + EOU
+    return context, [dialog[turn] + EOU]
+
+
+def _imdb_index(table, split: str) -> list[int]:
+    # the reference datapool: shuffle with seed 42 (datasets' Dataset.shuffle
+    # draws this very permutation), train = first 80% restricted to positive
+    # reviews, validation = the other 20%, test = the first 5,000 test reviews
+    order = np.random.default_rng(IMDB_SHUFFLE_SEED).permutation(len(table)).tolist()
+    if split == "test":
+        return order[:IMDB_TEST_SIZE]
+    cut = int(len(order) * IMDB_TRAIN_FRACTION)
+    if split == "validation":
+        return order[cut:]
+    labels = table["label"]
+    return [row for row in order[:cut] if labels[row] == 1]
+
+
+def _imdb(table, row: int) -> tuple[str, list[str]]:
+    words = table[row]["text"].split(" ")
+    half = int(len(words) * 0.5)
+    return " ".join(words[:half]), [" ".join(words[half:])]
+
+
+@dataclass(frozen=True)
+class GrueTask:
+    hub_id: str
+    hub_config: str | None
+    columns: tuple[str, ...]  # the hub columns the loader reads (a local copy needs them)
+    build: Callable
+    index: Callable = _one_input_per_row
+    source_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"), ("test", "test"))
+
+    def source_split(self, split: str) -> str:
+        """The split of the hub dataset (or local copy) that our `split` is carved from."""
+        mapping = dict(self.source_splits)
+        if split not in mapping:
+            raise ValueError(f"unknown split {split!r}; allowed: {list(mapping)}")
+        return mapping[split]
+
+
+GRUE_TASKS: dict[str, GrueTask] = {
+    "narrative_qa": GrueTask("deepmind/narrativeqa", None, ("document", "question", "answers"), _narrative_qa),
+    "totto": GrueTask("google-research-datasets/totto", None,
+                      ("table", "highlighted_cells", "table_page_title", "table_section_title",
+                       "sentence_annotations"), _totto),
+    "common_gen": GrueTask("GEM/common_gen", None, ("concept_set_id", "concepts", "target", "references"),
+                           _common_gen, _common_gen_index),
+    "iwslt2017": GrueTask("IWSLT/iwslt2017", "iwslt2017-de-en", ("translation",), _iwslt2017),
+    "cnn_daily_mail": GrueTask("abisee/cnn_dailymail", "3.0.0", ("article", "highlights"), _cnn_daily_mail),
+    "daily_dialog": GrueTask("li2017dailydialog/daily_dialog", None, ("dialog",), _daily_dialog,
+                             _daily_dialog_index),
+    "imdb": GrueTask("stanfordnlp/imdb", None, ("text", "label"), _imdb, _imdb_index,
+                     (("train", "train"), ("validation", "train"), ("test", "test"))),
+}
+
+
+# The reward each task is finetuned with in the paper (RL4LMs reward ids in
+# brackets), as (name in workloads.rewards, arguments).
+DEFAULT_REWARDS: dict[str, tuple[str, dict]] = {
+    "narrative_qa": ("rouge_l_max", {}),  # [rouge_l_max, stemming, alpha 0.5, 100-word limit]
+    "totto": ("sacrebleu", {}),  # [sacre_bleu, default 13a tokenizer]
+    "common_gen": ("meteor", {}),
+    "iwslt2017": ("sacrebleu", {"tokenize": "intl"}),
+    "cnn_daily_mail": ("meteor", {}),
+    "daily_dialog": ("meteor", {}),
+    "imdb": ("learned", {"model": "lvwerra/distilbert-imdb", "label_index": 1, "batch_size": 100}),
+}
+
+
+# --------------------------------------------------------------------------
+# the public interface used by workloads.tasks
+# --------------------------------------------------------------------------
+
+def get_examples(task: str, split: str, indices: list[int], dataset_path: str | None = None) -> list[TextExample]:
+    table, keys = _split_inputs(task, split, dataset_path)
+    examples = []
+    for index in indices:
+        if not 0 <= index < len(keys):
+            raise IndexError(f"input {index} out of range for split {split!r} of {task!r} ({len(keys)} inputs)")
+        prompt, references = GRUE_TASKS[task].build(table, keys[index])
+        examples.append(TextExample(index, prompt, references[0], tuple(references)))
+    return examples
+
+
+def split_size(task: str, split: str, dataset_path: str | None = None) -> int:
+    return len(_split_inputs(task, split, dataset_path)[1])
+
+
+def choose_inputs(task: str, split: str, num_inputs: int, seed: int, dataset_path: str | None = None) -> list[int]:
+    """The reference extraction's choice: the first `num_inputs` of a
+    numpy RandomState(seed) permutation of the split (paper: seed 7)."""
+    size = split_size(task, split, dataset_path)
+    if num_inputs > size:
+        raise ValueError(f"asked for {num_inputs} inputs but split {split!r} of {task!r} has {size}")
+    return np.random.RandomState(seed).permutation(size)[:num_inputs].tolist()
+
+
+@functools.lru_cache(maxsize=32)
+def _split_inputs(task: str, split: str, dataset_path: str | None):
+    """(table, one key per input) of a split, loaded once per process."""
+    spec = GRUE_TASKS[task]
+    table = load_table(task, spec.source_split(split), dataset_path)
+    missing = [c for c in spec.columns if c not in table.column_names and c not in OPTIONAL_COLUMNS]
+    if missing:
+        raise DatasetNotAvailableError(
+            f"the {task!r} data ({dataset_path or spec.hub_id}, split {split!r}) lacks columns {missing}; "
+            f"it has {table.column_names}. A local copy needs the hub dataset's columns {list(spec.columns)}."
+        )
+    return table, spec.index(table, split)
+
+
+OPTIONAL_COLUMNS = {"concept_set_id", "references"}  # common_gen: grouped by concepts when absent
+
+
+# --------------------------------------------------------------------------
+# loading: a local copy or the hub (offline-aware)
+# --------------------------------------------------------------------------
+
+LOCAL_FORMATS = {"parquet": "parquet", "jsonl": "json", "json": "json", "csv": "csv"}
+
+
+def load_table(task: str, split: str, dataset_path: str | None = None):
+    """One split of the task's dataset as a `datasets.Dataset`."""
+    if dataset_path:
+        return _load_local(task, split, dataset_path)
+    return _load_from_hub(task, split)
+
+
+def _load_local(task: str, split: str, path: str):
+    import datasets
+
+    if not os.path.exists(path):
+        raise DatasetNotAvailableError(f"dataset_path {path!r} of task {task!r} does not exist")
+    # a save_to_disk directory: a DatasetDict, or a Dataset per split in <path>/<split>/
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        saved = datasets.load_from_disk(path)
+        if split not in saved:
+            raise DatasetNotAvailableError(f"{path!r} (task {task!r}) has splits {list(saved)}, not {split!r}")
+        return saved[split]
+    if os.path.exists(os.path.join(path, split, "state.json")):
+        return datasets.load_from_disk(os.path.join(path, split))
+    # files per split: <path>/<split>.<ext>, <path>/<split>-*.<ext> or <path>/<split>/*.<ext>
+    for extension, builder in LOCAL_FORMATS.items():
+        files = sorted({*glob.glob(os.path.join(path, f"{split}.{extension}")),
+                        *glob.glob(os.path.join(path, f"{split}-*.{extension}")),
+                        *glob.glob(os.path.join(path, split, f"*.{extension}"))})
+        if files:
+            return datasets.load_dataset(builder, data_files={split: files}, split=split)
+    raise DatasetNotAvailableError(
+        f"no {split!r} split of task {task!r} in dataset_path {path!r}: expected a save_to_disk directory "
+        f"or files {split}.parquet / {split}.jsonl / {split}.json / {split}.csv "
+        f"with the columns {list(GRUE_TASKS[task].columns)}"
+    )
+
+
+def _load_from_hub(task: str, split: str):
+    spec = GRUE_TASKS[task]
+    name = spec.hub_id + (f" ({spec.hub_config})" if spec.hub_config else "")
+    how_to_fix = (
+        f"Point the config's `dataset_path` at a local copy: a directory saved with "
+        f"load_dataset({spec.hub_id!r}{', ' + repr(spec.hub_config) if spec.hub_config else ''}).save_to_disk(path), "
+        f"or {split}.parquet / {split}.jsonl / {split}.csv files with its columns {list(spec.columns)}; "
+        f"or set HF_DATASETS_OFFLINE=1 to read a copy in the Hugging Face cache."
+    )
+    if not hub_offline_mode() and not hub_is_reachable():
+        raise DatasetNotAvailableError(
+            f"dataset {name} of task {task!r} is not available: the Hugging Face hub "
+            f"({hub_endpoint()}) is unreachable. {how_to_fix}"
+        )
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
+    except Exception as error:  # the library raises many types: connection, file-not-found, script errors
+        raise DatasetNotAvailableError(
+            f"dataset {name} of task {task!r} could not be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). {how_to_fix}"
+        ) from error
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_offline_mode() -> bool:
+    """The user asked the Hugging Face libraries to use their cache only."""
+    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+               for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=None)
+def hub_is_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub's host (once per process): without network
+    this answers within `timeout`, where the libraries would retry for minutes."""
+    url = urlparse(hub_endpoint())
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# helpers: nested hub columns, ToTTo's table linearization
+# --------------------------------------------------------------------------
+
+def _records(column) -> list[dict]:
+    """A list of records whatever the storage: the hub's `datasets` sequences of
+    structs come back as a dict of lists, parquet/json files as a list of dicts."""
+    if isinstance(column, dict):
+        keys = list(column)
+        return [dict(zip(keys, values)) for values in zip(*(column[k] for k in keys))]
+    return list(column)
+
+
+def _highlighted_cells_with_headers(table: list[list[dict]], highlighted: list) -> list[tuple[dict, list, list]]:
+    """ToTTo's baseline preprocessing: each highlighted cell with the header
+    cells found by its heuristics -- row headers are header cells left of it in
+    its row; column headers are header cells of earlier rows whose column span
+    (counting multi-column cells) overlaps its own."""
+    spans = []  # per row: [start, end) of each cell in real columns
+    for row in table:
+        start, row_spans = 0, []
+        for cell in row:
+            row_spans.append((start, start + cell["column_span"]))
+            start += cell["column_span"]
+        spans.append(row_spans)
+    result = []
+    for row_index, col_index in highlighted:
+        row = table[row_index]
+        row_headers = [cell for cell in row[:col_index] if cell["is_header"]]
+        start, end = spans[row_index][col_index]
+        col_headers = [cell for r in range(row_index) for cell, (s, e) in zip(table[r], spans[r])
+                       if s < end and e > start and cell["is_header"]]
+        result.append((row[col_index], row_headers, col_headers))
+    return result
+
+
+def _linearize(cells: list[tuple[dict, list, list]], page_title: str | None, section_title: str | None) -> str:
+    text = ""
+    if page_title:
+        text += f"<page_title> {page_title} </page_title> "
+    if section_title:
+        text += f"<section_title> {section_title} </section_title> "
+    text += "<table> "
+    for cell, row_headers, col_headers in cells:
+        text += f"<cell> {cell['value']} "
+        text += "".join(f"<col_header> {h['value']} </col_header> " for h in col_headers)
+        text += "".join(f"<row_header> {h['value']} </row_header> " for h in row_headers)
+        text += "</cell> "
+    return text + "</table>"
