@@ -24,7 +24,7 @@ from .context import WorkloadContext
 from .gradnorm import per_input_grad_norms, reward_stats
 from .models import encode_prompts, generate_outputs, load_model_and_tokenizer, sequence_log_probs
 from .rewards import get_reward
-from .text_task import choose_inputs, get_examples, prompt_text
+from .tasks import choose_inputs, get_examples, prompt_text, references, resolve_reward
 
 
 def shard_name(first: int, last: int) -> str:
@@ -38,13 +38,13 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     grad_dtype = getattr(torch, config.grad_norm_dtype)
     # gradients may need more precision than sampling: a copy in grad_norm_dtype
     grad_model = model if model.dtype == grad_dtype else copy.deepcopy(model).to(grad_dtype)
-    reward_fn = get_reward(config.task)
+    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
     gen = config.generation
     K = config.num_samples_per_input
     dataset = f"{config.task}/{config.split}"
 
     # the paper's protocol: num_inputs random inputs of the split, fixed seed
-    chosen = choose_inputs(config.task, config.split, config.num_inputs, config.seed)
+    chosen = choose_inputs(config.task, config.split, config.num_inputs, config.seed, config.dataset_path)
     shards = [(first, min(first + config.shard_size, len(chosen)) - 1)
               for first in range(0, len(chosen), config.shard_size)]
     my_shards = ctx.my_items(shards)
@@ -66,11 +66,11 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
             continue
         # the same shard always draws the same samples, whichever worker runs it
         torch.manual_seed(config.seed * 1_000_003 + first)
-        examples = get_examples(config.task, config.split, chosen[first : last + 1])
+        examples = get_examples(config.task, config.split, chosen[first : last + 1], config.dataset_path)
         sample_rows, input_rows = [], []
         for batch_start in range(0, len(examples), config.batch_size):
             batch = examples[batch_start : batch_start + config.batch_size]
-            prompts = [prompt_text(ex.source, encoder_decoder) for ex in batch]
+            prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in batch]
             prompt_ids = encode_prompts(tokenizer, prompts, gen.max_prompt_length, encoder_decoder)
 
             # one generate() call: K samples per prompt via num_return_sequences
@@ -85,7 +85,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
             tic = time.perf_counter()
             texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
             rewards = reward_fn([p for p in prompts for _ in range(K)], texts,
-                                [ex.target for ex in batch for _ in range(K)])
+                                [references(config.task, ex) for ex in batch for _ in range(K)])
             repeated_prompt_ids = [p for p in prompt_ids for _ in range(K)]
             with torch.no_grad():  # log pi_theta(y|x) of the model itself: temperature 1, no top-k/p
                 log_probs = sequence_log_probs(model, repeated_prompt_ids, outputs).tolist()

@@ -29,7 +29,7 @@ from .configs import SFTConfig
 from .context import WorkloadContext
 from .models import encode_prompts, encode_targets, generate_outputs, load_model_and_tokenizer, token_log_probs, unwrap
 from .rewards import get_reward
-from .text_task import get_examples, prompt_text, split_size
+from .tasks import get_examples, prompt_text, references, resolve_reward, split_size
 
 NUM_EVAL_INPUTS = 64  # held-out validation inputs scored with greedy outputs at the end
 TRAINER_STATE = "rlgrad_trainer_state.json"  # steps done, saved next to the weights
@@ -47,11 +47,11 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
     encoder_decoder = model.config.is_encoder_decoder
 
     # data: the first num_train_inputs train inputs, of which a seeded fraction is labelled
-    num_inputs = min(config.num_train_inputs, split_size(config.task, "train"))
+    num_inputs = min(config.num_train_inputs, split_size(config.task, "train", config.dataset_path))
     num_used = max(1, round(config.frac_train_samples * num_inputs))
     train_ids = sorted(random.Random(config.seed).sample(range(num_inputs), num_used))
-    examples = get_examples(config.task, "train", train_ids)
-    prompt_ids = encode_prompts(tokenizer, [prompt_text(ex.source, encoder_decoder) for ex in examples],
+    examples = get_examples(config.task, "train", train_ids, config.dataset_path)
+    prompt_ids = encode_prompts(tokenizer, [prompt_text(config.task, ex, encoder_decoder) for ex in examples],
                                 config.max_prompt_length, encoder_decoder)
     target_ids = encode_targets(tokenizer, [ex.target for ex in examples])
 
@@ -96,15 +96,17 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
 
     # held-out evaluation: reward of greedy outputs on validation inputs
     model.eval()
-    eval_examples = get_examples(config.task, "validation", list(range(NUM_EVAL_INPUTS)))
-    eval_prompts = [prompt_text(ex.source, encoder_decoder) for ex in eval_examples]
+    num_eval = min(NUM_EVAL_INPUTS, split_size(config.task, "validation", config.dataset_path))
+    eval_examples = get_examples(config.task, "validation", list(range(num_eval)), config.dataset_path)
+    eval_prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in eval_examples]
     eval_targets = [ex.target for ex in eval_examples]
     longest_target = max(len(t) for t in encode_targets(tokenizer, eval_targets))
     outputs = generate_outputs(model, tokenizer,
                                encode_prompts(tokenizer, eval_prompts, config.max_prompt_length, encoder_decoder),
                                do_sample=False, max_new_tokens=longest_target + 8)
-    rewards = get_reward(config.task)(eval_prompts, tokenizer.batch_decode(outputs, skip_special_tokens=True),
-                                      eval_targets)
+    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
+    rewards = reward_fn(eval_prompts, tokenizer.batch_decode(outputs, skip_special_tokens=True),
+                        [references(config.task, ex) for ex in eval_examples])
     eval_metrics = {"eval_reward_mean": sum(r.value for r in rewards) / len(rewards)}
     for name in rewards[0].components:
         eval_metrics[f"eval_{name}_mean"] = sum(r.components[name] for r in rewards) / len(rewards)
