@@ -180,8 +180,16 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ray import tune
+
     point = tune_config["point"]
     trial = resolve_trial(plan.stage, point["params"], point["parent"])
+    named = tune.get_context().get_trial_name()  # the id the driver computed
+    if named != trial.trial_id:
+        raise RuntimeError(
+            f"trial {named}: this node resolves its config to {trial.trial_id}; the driver and the Ray "
+            "nodes run different versions of rlgrad (install the same version everywhere)"
+        )
     base = sweep_uri(plan.results, plan.sweep)
     record = {
         "sweep": plan.sweep,
