@@ -3,6 +3,7 @@ columns: prompt formats, references, split carving (IMDB), grouping
 (CommonGen), context windows (DailyDialog), local-copy formats, the offline
 error; then extract and SFT running on a GRUE task with a tiny model."""
 
+import glob
 import json
 import os
 import time
@@ -247,3 +248,22 @@ def test_sft_on_common_gen_evaluates_with_the_configured_reward(tmp_path, local_
     metrics = run_sft(config, local_context(str(tmp_path), show_progress=False))
     assert metrics["num_train_inputs_used"] == 5 and metrics["step"] == 2
     assert 0 <= metrics["eval_rouge_l_f_mean"] <= 1 and metrics["eval_reward_mean"] == metrics["eval_rouge_l_f_mean"]
+
+
+# ---------------------------------------------------------------- the GRUE sweep files
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "search_spaces",
+                                                               "grue_*.yaml"))), ids=os.path.basename)
+def test_grue_sweep_files_validate_or_name_the_missing_reward_data(path):
+    """Every stage validates here, except where the task's reward cannot run
+    offline (METEOR without WordNet, the IMDB classifier off the hub): then the
+    spec error says exactly that."""
+    from orchestrator.spec import SpecError, load_spec
+
+    try:
+        spec, _ = load_spec(path)
+    except SpecError as error:
+        assert ("reward 'meteor' needs NLTK data" in str(error)
+                or "model 'lvwerra/distilbert-imdb' is not available" in str(error)), str(error)
+        return
+    assert {stage.workload for stage in spec.stages} <= {"extract", "sft", "ppo"}
