@@ -128,6 +128,7 @@ def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, 
             _write_text(loop_config["last_metrics_uri"], json.dumps(metrics, default=float))
         report(metrics, checkpoint_dir)
 
+    placement = _placement_record(loop_config, rank, device)
     ctx = WorkloadContext(
         writer=ShardWriter(loop_config["results"], **loop_config["identity"]),
         rank=rank,
@@ -139,6 +140,28 @@ def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, 
         num_cpus=loop_config["cpus_per_worker"],
     )
     run_workload(loop_config["workload"], config, ctx)
+    placement(finished=True)
+
+
+def _placement_record(loop_config: dict, rank: int, device: str):
+    """Write trials/<stage>/<trial>/workers/rank-<r>.json: where and when this worker ran."""
+    import socket
+
+    import ray
+
+    runtime = ray.get_runtime_context()
+    uri = loop_config["last_metrics_uri"].rsplit("/", 1)[0] + f"/workers/rank-{rank}.json"
+    record = {"rank": rank, "node_id": runtime.get_node_id(), "hostname": socket.gethostname(),
+              "pid": os.getpid(), "device": device, "started": time.time(), "finished": None,
+              "assigned_resources": runtime.get_assigned_resources()}
+
+    def write(finished: bool = False) -> None:
+        if finished:
+            record["finished"] = time.time()
+        _write_text(uri, json.dumps(record, indent=2))
+
+    write()
+    return write
 
 
 def _train_loop(loop_config: dict) -> None:

@@ -50,9 +50,12 @@ class ScalingSpec(_Strict):
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(1.0, ge=0)  # only used when use_gpu
     memory_per_worker_gb: float | None = Field(None, gt=0)
+    # any other Ray resource a worker needs, e.g. {"accelerator_type:A100": 0.001}
+    # or a node pool's custom resource {"big_mem_node": 1}
+    custom_resources: dict[str, float] = {}
 
     def resources_per_worker(self) -> dict[str, float]:
-        resources: dict[str, float] = {"CPU": self.cpus_per_worker}
+        resources: dict[str, float] = {"CPU": self.cpus_per_worker, **self.custom_resources}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker
         if self.memory_per_worker_gb is not None:

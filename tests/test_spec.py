@@ -123,8 +123,10 @@ def test_validate_lists_trials(tmp_path, capsys):
 
 
 def test_every_shipped_search_space_validates():
+    """The GRUE files are checked in tests/test_grue.py, where those whose reward needs
+    data no offline machine has (WordNet, a hub classifier) must fail with that message."""
     root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "search_spaces")
-    files = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    files = sorted(f for f in os.listdir(root) if f.endswith(".yaml") and not f.startswith("grue_"))
     assert "quickstart.yaml" in files
     for name in files:
         assert main(["validate", os.path.join(root, name)]) == 0, name
