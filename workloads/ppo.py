@@ -23,7 +23,8 @@ drawn from the train inputs, K completions each:
                  (leave-one-out baseline, workloads.gradnorm), bucketed by reward std.
 
 The value V(s_t) is a linear head on the last hidden state at the position that
-predicts y_t (the decoder's, for seq2seq), trained jointly with the policy.
+predicts y_t (the decoder's, for seq2seq), trained jointly with the policy in the
+same optimiser steps; its loss does not flow back into the language model.
 Dropout stays off throughout: π_old and π_θ must be the same function before the
 first update, or ρ_t ≠ 1 from noise alone.
 
@@ -219,7 +220,9 @@ class PolicyWithValueHead(nn.Module):
         all_log_probs = torch.log_softmax(logits.float(), dim=-1)
         log_probs = all_log_probs.gather(-1, outputs.unsqueeze(-1)).squeeze(-1) * mask
         entropy = -(all_log_probs.exp() * all_log_probs).sum(dim=-1) * mask
-        values = self.value_head(hidden.float()).squeeze(-1) * mask
+        # the critic reads the policy's features but its loss does not move them, so the
+        # policy's update is PPO's alone (RL4LMs gives the critic a separate network)
+        values = self.value_head(hidden.float().detach()).squeeze(-1) * mask
         return log_probs, entropy, values, mask
 
 

@@ -1,0 +1,329 @@
+"""run_ppo and its math: GAE, the KL penalty and controller, the clipped losses
+against hand computations; end-to-end runs on the built-in task (causal learns,
+seq2seq runs), the monitor's rows in the metrics / inputs / samples tables,
+resumption from a mid-run checkpoint, and the config's cross-field rules."""
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pydantic
+import pytest
+import torch
+
+from workloads.configs import PPOConfig, SFTConfig
+from workloads.context import local_context
+from workloads.models import load_model_and_tokenizer, token_log_probs
+from workloads.ppo import (
+    PolicyWithValueHead,
+    clipped_policy_loss,
+    clipped_value_loss,
+    generalized_advantages,
+    kl_penalised_rewards,
+    run_ppo,
+    std_buckets,
+    update_kl_coef,
+)
+from workloads.sft import run_sft
+
+# ---------------------------------------------------------------- the math, by hand
+
+
+def test_gae_hand_worked_example():
+    gamma, lam = 0.9, 0.8
+    # row 0: three tokens; row 1: two tokens, then padding holding garbage that must be ignored
+    rewards = torch.tensor([[0.1, -0.2, 1.0], [0.0, 2.0, 5.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [1.0, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = generalized_advantages(rewards, values, mask, gamma, lam)
+
+    # row 0, backwards: δ2 = 1.0 + 0 - 0.3 = 0.7                       A2 = 0.7
+    #                   δ1 = -0.2 + 0.9*0.3 - 0.4 = -0.33              A1 = -0.33 + 0.72*0.7 = 0.174
+    #                   δ0 = 0.1 + 0.9*0.4 - 0.5 = -0.04               A0 = -0.04 + 0.72*0.174 = 0.08528
+    # row 1: the episode ends after token 1, so V(s_2) = 0:
+    #                   δ1 = 2.0 + 0 - 0.5 = 1.5                       A1 = 1.5
+    #                   δ0 = 0.0 + 0.9*0.5 - 1.0 = -0.55               A0 = -0.55 + 0.72*1.5 = 0.53
+    expected_advantages = torch.tensor([[0.08528, 0.174, 0.7], [0.53, 1.5, 0.0]])
+    expected_returns = torch.tensor([[0.08528 + 0.5, 0.174 + 0.4, 0.7 + 0.3], [0.53 + 1.0, 1.5 + 0.5, 0.0]])
+    torch.testing.assert_close(advantages, expected_advantages)
+    torch.testing.assert_close(returns, expected_returns)
+
+
+def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    values = torch.tensor([[0.3, -0.2, 0.7, 0.1]])
+    advantages, returns = generalized_advantages(rewards, values, torch.ones(1, 4), 1.0, 1.0)
+    reward_to_go = torch.tensor([[1.75, 1.25, 2.25, 0.25]])
+    torch.testing.assert_close(returns, reward_to_go)
+    torch.testing.assert_close(advantages, reward_to_go - values)
+
+
+def test_kl_penalised_rewards():
+    log_probs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    ref_log_probs = torch.tensor([[-1.5, -1.0, -0.5], [-0.6, -7.0, -4.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards, kl = kl_penalised_rewards(log_probs, ref_log_probs, mask, torch.tensor([0.8, 0.3]), kl_coef=0.1)
+    # kl_t = log π - log π_ref: row 0 [0.5, -1.0, 0.0]; row 1 [0.5] then padding
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.5, 0.0, 0.0]]))
+    # r_t = -0.1 kl_t, task reward on the LAST REAL token
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 0.8], [-0.05 + 0.3, 0.0, 0.0]]))
+
+
+def test_kl_controller_update_rule():
+    n, horizon = 500, 1000  # n / horizon = 0.5, large enough to see every case
+    # KL 10% above target: error 0.1 -> β (1 + 0.1 * 0.5)
+    assert update_kl_coef(0.2, 1.1, 1.0, n, horizon) == pytest.approx(0.2 * 1.05)
+    # KL 5x the target: error 4 clipped to +0.2 -> β (1 + 0.2 * 0.5)
+    assert update_kl_coef(0.2, 5.0, 1.0, n, horizon) == pytest.approx(0.2 * 1.1)
+    # KL 0: error -1 clipped to -0.2 -> β (1 - 0.2 * 0.5)
+    assert update_kl_coef(0.2, 0.0, 1.0, n, horizon) == pytest.approx(0.2 * 0.9)
+    # KL 30% below target: error -0.3 clipped to -0.2; RL4LMs' horizon of 10000 with 128 completions
+    assert update_kl_coef(0.05, 0.07, 0.1, 128, 10000) == pytest.approx(0.05 * (1 - 0.2 * 128 / 10000))
+    assert update_kl_coef(0.2, 5.0, None, n, horizon) == 0.2  # no target: a fixed coefficient
+
+
+def test_clipped_policy_loss_against_hand_computation():
+    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1, 3.0]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    old_log_probs = torch.full_like(ratios, -1.0)
+    log_probs = (old_log_probs + ratios.log()).requires_grad_(True)
+    loss, stats = clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip_range=0.2)
+    # per token min(ρA, clip(ρ, 0.8, 1.2) A), negated:
+    #   ρ 1.5, A +1: min(1.5, 1.2) = 1.2   clipped: no further gain for pushing up
+    #   ρ 1.5, A -1: min(-1.5, -1.2) = -1.5 unclipped: the full penalty
+    #   ρ 0.5, A +1: min(0.5, 0.8) = 0.5   unclipped
+    #   ρ 0.5, A -1: min(-0.5, -0.8) = -0.8 clipped
+    #   ρ 1.1, A +2: 2.2 (inside the range)
+    per_token = [-1.2, 1.5, -0.5, 0.8, -2.2]
+    assert loss.item() == pytest.approx(sum(per_token) / 5, rel=1e-6)
+    # gradient d loss / d log π = -A ρ / 5 where the unclipped term is chosen, 0 where clipped
+    loss.backward()
+    expected_grad = torch.tensor([[0.0, 1.5 / 5, -0.5 / 5, 0.0, -2.2 / 5, 0.0]])
+    torch.testing.assert_close(log_probs.grad, expected_grad)
+    assert stats["clip_fraction"].item() == pytest.approx(4 / 5)
+    approx_kl = np.mean([(r - 1) - math.log(r) for r in [1.5, 1.5, 0.5, 0.5, 1.1]])
+    assert stats["approx_kl"].item() == pytest.approx(approx_kl, rel=1e-6)
+
+
+def test_clipped_value_loss_against_hand_computation():
+    old_values = torch.tensor([[0.0, 0.0, 1.0, 4.0]])
+    values = torch.tensor([[0.5, 0.5, 0.9, 4.0]])
+    returns = torch.tensor([[1.0, 0.0, 0.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # token 0: (0.5-1)^2 = 0.25, clipped V = 0.2: (0.2-1)^2 = 0.64 -> 0.64 (the pessimistic one)
+    # token 1: (0.5-0)^2 = 0.25, clipped V = 0.2: 0.04          -> 0.25
+    # token 2: inside the clip range: (0.9-0)^2 = 0.81           -> 0.81
+    loss = clipped_value_loss(values, old_values, returns, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81) / 3)
+    unclipped = clipped_value_loss(values, old_values, returns, mask, clip_range=None)
+    assert unclipped.item() == pytest.approx(0.5 * (0.25 + 0.25 + 0.81) / 3)
+
+
+def test_std_buckets():
+    assert [name for name, _, _ in std_buckets([0.01, 0.05, 0.1])] == [
+        "std_lt_0.01", "std_0.01_0.05", "std_0.05_0.1", "std_ge_0.1"]
+
+
+@pytest.mark.parametrize("model_name", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
+def test_actor_critic_scores_outputs_like_token_log_probs(model_name):
+    model, _ = load_model_and_tokenizer(model_name)
+    actor_critic = PolicyWithValueHead(model).eval()
+    prompts = [[5, 6, 7, 8], [9]]
+    outputs = [[10, 11, 2], [12, 2]]
+    log_probs, entropy, values, mask = actor_critic(prompts, outputs)
+    expected, expected_mask = token_log_probs(model, prompts, outputs)
+    torch.testing.assert_close(log_probs, expected)
+    torch.testing.assert_close(mask, expected_mask.float())
+    assert (entropy[mask.bool()] > 0).all() and (entropy[~mask.bool()] == 0).all()
+    assert (values == 0).all()  # zero-initialised value head
+
+
+# ---------------------------------------------------------------- end to end
+
+SMALL = dict(num_train_inputs=64, num_eval_inputs=8, prompts_per_rollout=8, samples_per_prompt=4,
+             minibatch_size=16, ppo_epochs=2, learning_rate=3e-4, generation={"max_new_tokens": 14})
+
+
+# an end-to-end run short enough for a test that still moves the reward: PPO trains on
+# exactly the monitor set, so each input is seen ~10 times (measured over seeds 0-2: the
+# monitor-set reward rises by 0.12-0.14 in ~11 s)
+LEARNS = dict(num_rollouts=20, eval_every=10, num_train_inputs=32, num_eval_inputs=32, prompts_per_rollout=16,
+              samples_per_prompt=8, minibatch_size=32, ppo_epochs=4, learning_rate=3e-4)
+
+
+def ppo(tmp_path, name, report_copies=None, **overrides):
+    ctx = local_context(str(tmp_path / name), show_progress=False)
+    if report_copies is not None:  # keep every checkpoint, not only the latest
+        forward = ctx.report_fn
+
+        def report_fn(metrics, checkpoint_dir):
+            if checkpoint_dir is not None:
+                report_copies[metrics["step"]] = shutil.copytree(checkpoint_dir, tmp_path / f"ckpt-{metrics['step']}")
+            forward(metrics, checkpoint_dir)
+
+        ctx.report_fn = report_fn
+    metrics = run_ppo(PPOConfig.model_validate({**SMALL, **overrides}), ctx)
+    return metrics, ctx
+
+
+def read(tmp_path, name, table):
+    return pq.read_table(os.path.join(tmp_path, name, "local", table)).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A short SFT so the reward is not 0 everywhere (PPO from a random model has nothing to climb)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    ctx = local_context(str(tmp), show_progress=False)
+    run_sft(SFTConfig(max_steps=150, batch_size=32, learning_rate=2e-3, num_train_inputs=2000, log_every=150), ctx)
+    return ctx.checkpoint_path
+
+
+@pytest.fixture(scope="module")
+def causal_run(sft_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ppo")
+    metrics, ctx = ppo(tmp, "causal", model=sft_checkpoint, **LEARNS)
+    return metrics, ctx, tmp
+
+
+def test_causal_ppo_raises_monitor_set_reward(causal_run):
+    _, _, tmp = causal_run
+    inputs = read(tmp, "causal", "inputs")
+    final_step = LEARNS["num_rollouts"]
+    by_step = inputs.groupby("step").reward_mean.mean()
+    assert list(by_step.index) == [0, LEARNS["eval_every"], final_step]
+    assert by_step[final_step] > by_step[0] + 0.05, by_step.to_dict()
+    # the KL to the initial policy starts at exactly 0 (π_old = π_ref) and grows
+    kl = [r["kl"] for r in causal_run[1].reported[:-1]]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[-1] > 0.01
+
+
+def test_monitor_rows_in_metrics_table(causal_run):
+    _, ctx, tmp = causal_run
+    metrics = read(tmp, "causal", "metrics")
+    P, num_rollouts = LEARNS["prompts_per_rollout"], LEARNS["num_rollouts"]
+    train = metrics[metrics.split == "train"].pivot_table(index="step", columns="metric", values="value")
+    assert list(train.index) == list(range(1, num_rollouts + 1))
+    for column in ["reward_mean", "reward_std_mean", "share_reward_std_below_0.01", "share_reward_std_below_0.05",
+                   "share_reward_std_below_0.1", "kl", "kl_coef", "policy_loss", "value_loss", "entropy",
+                   "clip_fraction", "approx_kl", "explained_variance"]:
+        assert train[column].notna().all(), column
+    buckets = ["std_lt_0.01", "std_0.01_0.05", "std_0.05_0.1", "std_ge_0.1"]
+    counts = metrics[(metrics.metric == "num_prompts")].pivot_table(index="step", columns="split", values="value")
+    assert sorted(counts.columns) == sorted(buckets) and list(counts.index) == list(range(1, num_rollouts + 1))
+    # every prompt of a rollout falls in exactly one bucket, and the shares agree with the bucket counts
+    assert (counts.sum(axis=1) == P).all()
+    np.testing.assert_allclose(train["share_reward_std_below_0.01"], counts["std_lt_0.01"] / P)
+    np.testing.assert_allclose(train["share_reward_std_below_0.05"],
+                               (counts["std_lt_0.01"] + counts["std_0.01_0.05"]) / P)
+    # bucket reward means recombine into the rollout's reward mean
+    in_buckets = metrics[metrics.split.isin(buckets)]
+    reward = in_buckets[in_buckets.metric == "reward_mean"].pivot_table(index="step", columns="split", values="value")
+    weighted = sum((reward[b].fillna(0) * counts[b]) for b in buckets) / P
+    np.testing.assert_allclose(weighted, train["reward_mean"])
+    # gradient norms per bucket: a bucket's rows exist where it holds prompts, and the
+    # large-std prompts have larger policy gradients than the (near-)zero-std ones
+    grad = in_buckets[in_buckets.metric == "grad_norm"].pivot_table(index="step", columns="split", values="value")
+    assert grad["std_ge_0.1"].notna().all() and (grad["std_ge_0.1"] > 0).all()
+    if "std_lt_0.01" in grad:
+        assert (grad["std_lt_0.01"].dropna() < grad["std_ge_0.1"].mean()).all()
+    # the same numbers went to ctx.report, one report per rollout plus the final one
+    assert [r["step"] for r in ctx.reported] == list(range(1, num_rollouts + 1)) + [num_rollouts]
+    assert ctx.reported[0]["reward_mean"] == pytest.approx(train.loc[1, "reward_mean"])
+    # the monitor set by its initial reward std, at every evaluation
+    monitor = metrics[metrics.split.str.startswith("monitor")]
+    assert set(monitor.step) == {0, LEARNS["eval_every"], num_rollouts}
+
+
+def test_inputs_and_samples_tables_before_and_after(causal_run, sft_checkpoint):
+    _, _, tmp = causal_run
+    inputs, samples = read(tmp, "causal", "inputs"), read(tmp, "causal", "samples")
+    N, K, final_step = LEARNS["num_eval_inputs"], LEARNS["samples_per_prompt"], LEARNS["num_rollouts"]
+    first_ids = set(inputs[inputs.step == 0].input_id)
+    assert len(first_ids) == N
+    for step in (0, final_step):
+        rows = inputs[inputs.step == step]
+        assert len(rows) == N and set(rows.input_id) == first_ids  # the same fixed monitor set
+        assert (rows.num_samples == K).all() and rows.grad_norm.notna().all()
+        assert len(samples[samples.step == step]) == N * K
+    assert not inputs.duplicated(["step", "input_id"]).any()
+    assert not samples.duplicated(["step", "input_id", "sample_idx"]).any()
+    for row in inputs.itertuples():  # statistics recomputed from the sample rows
+        rewards = samples[(samples.step == row.step) & (samples.input_id == row.input_id)].reward.to_numpy()
+        assert row.reward_mean == pytest.approx(rewards.mean(), abs=1e-12)
+        assert row.reward_std == pytest.approx(rewards.std(ddof=0), abs=1e-12)
+        assert row.reward_std_unbiased == pytest.approx(rewards.std(ddof=1), abs=1e-12)
+    assert (inputs.model == sft_checkpoint).all() and (inputs.dataset == "reverse/train").all()
+
+
+def test_final_checkpoint_loads_and_differs_from_start(causal_run, sft_checkpoint):
+    metrics, ctx, _ = causal_run
+    trained, _ = load_model_and_tokenizer(ctx.checkpoint_path)
+    initial, _ = load_model_and_tokenizer(sft_checkpoint)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
+    assert {"value_head.pt", "optimizer.pt", "rlgrad_ppo_state.json"} <= set(os.listdir(ctx.checkpoint_path))
+    assert metrics["step"] == LEARNS["num_rollouts"]
+
+
+def test_resume_from_mid_run_checkpoint_continues_at_saved_step(sft_checkpoint, tmp_path):
+    settings = dict(model=sft_checkpoint, num_rollouts=4, checkpoint_every=2, target_kl=0.01, kl_horizon=100)
+    checkpoints = {}
+    full, full_ctx = ppo(tmp_path, "full", report_copies=checkpoints, **settings)
+    assert sorted(checkpoints) == [2, 4]
+
+    ctx = local_context(str(tmp_path / "resumed"), show_progress=False)
+    ctx.resume_from = str(checkpoints[2])
+    resumed = run_ppo(PPOConfig.model_validate({**SMALL, **settings}), ctx)
+    # it continues at step 3 (no monitor evaluation at step 0 again) ...
+    assert [r["step"] for r in ctx.reported] == [3, 4, 4]
+    assert set(read(tmp_path, "resumed", "inputs").step) == {4}
+    # ... and, with weights, value head, optimizer, kl_coef and per-step seeds restored,
+    # ends exactly where the uninterrupted run ended
+    assert resumed["kl_coef"] == full["kl_coef"] != 0.01 * 1.0
+    assert [r["reward_mean"] for r in ctx.reported] == [r["reward_mean"] for r in full_ctx.reported[2:]]
+    a, _ = load_model_and_tokenizer(ctx.checkpoint_path)
+    b, _ = load_model_and_tokenizer(full_ctx.checkpoint_path)
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=key)
+    full_inputs = read(tmp_path, "full", "inputs")
+    np.testing.assert_allclose(read(tmp_path, "resumed", "inputs").sort_values("input_id").reward_mean,
+                               full_inputs[full_inputs.step == 4].sort_values("input_id").reward_mean)
+
+
+def test_seq2seq_smoke(tmp_path):
+    metrics, ctx = ppo(tmp_path, "t5", model="builtin:tiny-t5", num_rollouts=2, monitor_grad_norm=False)
+    assert [r["step"] for r in ctx.reported] == [1, 2, 2]
+    for key in ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "approx_kl"]:
+        assert math.isfinite(metrics[key]), key
+    inputs = read(tmp_path, "t5", "inputs")
+    assert sorted(inputs.step.unique()) == [0, 2] and inputs.grad_norm.isna().all()
+    model, _ = load_model_and_tokenizer(ctx.checkpoint_path)
+    assert model.config.is_encoder_decoder
+
+
+# ---------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(prompts_per_rollout=4, samples_per_prompt=4, minibatch_size=32), "exceeds a rollout"),
+    (dict(num_train_inputs=16, num_eval_inputs=32), "num_eval_inputs"),
+    (dict(num_train_inputs=16, prompts_per_rollout=32, minibatch_size=8), "prompts_per_rollout"),
+    (dict(kl_coef=0.0), "cannot grow a kl_coef of 0"),
+    (dict(monitor_reward_std_thresholds=[0.1, 0.05]), "strictly increasing"),
+    (dict(samples_per_prompt=1), "greater than or equal to 2"),
+    (dict(clip_range=1.5), "less than 1"),
+    (dict(reward_args={"n": 1}), "explicit reward name"),
+])
+def test_config_rules(values, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        PPOConfig.model_validate(values)
+
+
+def test_config_defaults_are_the_reference_settings():
+    config = PPOConfig()
+    assert (config.ppo_epochs, config.minibatch_size, config.clip_range, config.learning_rate) == (5, 64, 0.2, 2e-6)
+    assert (config.gamma, config.gae_lambda, config.kl_horizon, config.generation.temperature) == (0.99, 0.95, 10000, 1)
+    assert PPOConfig(kl_coef=0.0, target_kl=None).kl_coef == 0.0  # a fixed zero penalty is fine
