@@ -327,3 +327,38 @@ def test_config_defaults_are_the_reference_settings():
     assert (config.ppo_epochs, config.minibatch_size, config.clip_range, config.learning_rate) == (5, 64, 0.2, 2e-6)
     assert (config.gamma, config.gae_lambda, config.kl_horizon, config.generation.temperature) == (0.99, 0.95, 10000, 1)
     assert PPOConfig(kl_coef=0.0, target_kl=None).kl_coef == 0.0  # a fixed zero penalty is fine
+
+
+def _ddp_worker(rank, tmp, model):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    ctx = local_context(str(tmp / "results"), show_progress=False)
+    ctx.rank, ctx.world_size = rank, 2
+    handed = []
+    forward = ctx.report_fn
+    ctx.report_fn = lambda metrics, checkpoint_dir: (handed.append(checkpoint_dir), forward(metrics, checkpoint_dir))
+    run_ppo(PPOConfig.model_validate({**SMALL, "model": model, "num_rollouts": 2, "num_eval_inputs": 6}), ctx)
+    torch.save({"reported": ctx.reported, "handed": handed}, tmp / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_distributed_two_ranks(sft_checkpoint, tmp_path):
+    """Two gloo ranks: the same reports on both (metrics all-reduced), only rank 0 hands
+    over checkpoints, and each rank writes its own chunk of the monitor set."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(tmp_path, sft_checkpoint), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert len(rank0["reported"]) == len(rank1["reported"]) == 3
+    for a, b in zip(rank0["reported"], rank1["reported"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.endswith("_seconds"):  # wall-clock times are each rank's own
+                assert a[key] == pytest.approx(b[key], nan_ok=True), key
+    assert rank0["handed"][-1] is not None and rank1["handed"] == [None, None, None]
+    inputs = pq.read_table(tmp_path / "results" / "local" / "inputs").to_pandas()
+    assert sorted(inputs.step.unique()) == [0, 2]
+    assert inputs.groupby("step").input_id.nunique().tolist() == [6, 6]
+    shards = sorted(os.listdir(tmp_path / "results" / "local" / "inputs" / "stage" / "trial"))
+    assert shards == [f"monitor-step-{s:09d}-inputs-{a}.parquet" for s in (0, 2) for a in ("000000-000002",
+                                                                                              "000003-000005")]
