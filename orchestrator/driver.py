@@ -72,6 +72,57 @@ def _read_text(uri: str) -> str | None:
         return f.read().decode()
 
 
+def check_storage(results: str) -> None:
+    """Fail early, in one line, when the results root cannot be written."""
+    import uuid
+
+    probe = posixpath.join(results if "://" in results else os.path.abspath(results), f".rlgrad-probe-{uuid.uuid4().hex}")
+    try:
+        fs, path = resolve(probe)
+        _write_text(probe, "probe")
+        fs.delete_file(path)
+    except Exception as e:  # pyarrow raises OSError, ValueError, ArrowInvalid... for the many ways storage fails
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(f"cannot write results to {results}: {reason}") from None
+
+
+class SweepLock:
+    """One driver per sweep directory at a time (local results roots): a second
+    `rlgrad run` of the same sweep is refused while the first is alive."""
+
+    def __init__(self, sweep_dir: str):
+        self.path = os.path.join(sweep_dir, ".driver.lock") if "://" not in sweep_dir else None
+        self.held = False
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return  # object stores have no exclusive create; documented in docs/architecture.md
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(open(self.path).read().split()[0])
+                    os.kill(pid, 0)
+                except (ValueError, IndexError, ProcessLookupError, FileNotFoundError):
+                    os.unlink(self.path)  # left by a driver that died: take over
+                    continue
+                except PermissionError:
+                    pass
+                raise SpecError(f"sweep directory {os.path.dirname(self.path)} is in use by another rlgrad run "
+                                f"(pid {pid}); wait for it or give this sweep another name") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {time.time():.0f}\n")
+            self.held = True
+            return
+
+    def release(self) -> None:
+        if self.held and self.path and os.path.exists(self.path):
+            os.unlink(self.path)
+        self.held = False
+
+
 def check_results_dir(spec: SweepSpec, results: str) -> bool:
     """Refuse to mix two different sweeps under one name. True when resuming."""
     existing = _read_text(posixpath.join(sweep_uri(results, spec.sweep), "sweep.yaml"))
@@ -478,18 +529,19 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
     import ray
 
     results = results if "://" in results else os.path.abspath(results)
+    check_storage(results)
     resuming = check_results_dir(spec, results)
     base = sweep_uri(results, spec.sweep)
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    lock = SweepLock(base)
+    lock.acquire()
     started_here = not ray.is_initialized()
-    if started_here:
-        context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                           logging_level="WARNING", log_to_driver=True)
-    else:
-        context = ray.get_runtime_context()
-    dashboard = getattr(context, "dashboard_url", None)
     try:
+        if started_here:
+            context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                               logging_level="WARNING", log_to_driver=True)
+        else:
+            context = ray.get_runtime_context()
+        dashboard = getattr(context, "dashboard_url", None)
         _write_text(posixpath.join(base, "sweep.yaml"), resolved_spec_yaml(spec))
         _progress(f"sweep {spec.sweep!r}: {len(spec.stages)} stage(s); results in {base}")
         if dashboard:
@@ -513,5 +565,6 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
             _progress(f"stage {stage.name}: {ok}/{len(outcomes[stage.name])} trials done in {time.time() - t0:.0f}s")
         return SweepOutcome(base, outcomes, dashboard)
     finally:
+        lock.release()
         if started_here:
             ray.shutdown()

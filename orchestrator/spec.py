@@ -163,8 +163,10 @@ def _format_error(err: pydantic.ValidationError, model_cls: type[BaseModel], pre
         return f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}"
     if first["type"] == "missing":
         return f"{where}: required field is missing"
-    value = first.get("input")
-    return f"{where} = {value!r}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and isinstance(first.get("input"), dict):
+        return f"{where}: {message}"  # a rule about the config as a whole: the message names the fields
+    return f"{where} = {first.get('input')!r}: {message}"
 
 
 def _fail(source: str, message: str):

@@ -82,6 +82,15 @@ class ExtractConfig(StrictConfig):
         check_task_and_reward(self.task, self.reward, self.reward_args)
         return self
 
+    @model_validator(mode="after")
+    def _model_and_data_can_load(self):
+        # an unknown built-in model, a missing directory, a hub id or dataset with no hub
+        from .availability import check_model_available, check_task_data
+
+        check_model_available(self.model)
+        check_task_data(self.task, self.dataset_path)
+        return self
+
 
 class SFTConfig(StrictConfig):
     """Teacher-forced cross-entropy finetuning for causal and seq2seq models.
@@ -112,6 +121,15 @@ class SFTConfig(StrictConfig):
         from .tasks import check_task_and_reward  # see ExtractConfig
 
         check_task_and_reward(self.task, self.reward, self.reward_args)
+        return self
+
+    @model_validator(mode="after")
+    def _model_and_data_can_load(self):
+        # an unknown built-in model, a missing directory, a hub id or dataset with no hub
+        from .availability import check_model_available, check_task_data
+
+        check_model_available(self.model)
+        check_task_data(self.task, self.dataset_path)
         return self
 
 
@@ -220,6 +238,13 @@ WORKLOADS: dict[str, tuple[type[StrictConfig], str]] = {
 # --------------------------------------------------------------------------
 
 CONTROLLED_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stsb": 6}
+# Hugging Face dataset ids: (path, config name, train split, test split).
+# STS-B's test split has no labels; like the original we test on validation.
+CONTROLLED_HUB_DATASETS = {
+    "mnist": ("ylecun/mnist", None, "train", "test"),
+    "cifar10": ("uoft-cs/cifar10", None, "train", "test"),
+    "stsb": ("nyu-mll/glue", "stsb", "train", "validation"),
+}
 
 
 class ControlledMLP(StrictConfig):
@@ -293,6 +318,14 @@ class ControlledConfig(StrictConfig):
     log_every: int = Field(1, ge=1)  # epochs between metric rows (finetune plans validate every epoch)
     checkpoint_every: int = Field(100, ge=0)  # epochs between checkpoints; 0 = only at the end
     eval_batch_size: int = Field(1024, ge=1)  # chunk size of the metric passes
+
+    @model_validator(mode="after")
+    def _data_can_load(self):
+        from .availability import check_dataset_available
+
+        hub = CONTROLLED_HUB_DATASETS.get(self.dataset)
+        check_dataset_available(self.dataset, hub[0] if hub else None, self.dataset_path)
+        return self
 
     @model_validator(mode="after")
     def _consistent(self):

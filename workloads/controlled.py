@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from .configs import CONTROLLED_NUM_CLASSES, ControlledConfig
+from .configs import CONTROLLED_HUB_DATASETS, CONTROLLED_NUM_CLASSES, ControlledConfig
 from .context import WorkloadContext
 
 
@@ -40,13 +40,9 @@ from .context import WorkloadContext
 # 1. Data
 # ============================================================================
 
-# Hugging Face dataset ids: (path, config name, train split, test split).
-# STS-B's test split has no labels; like the original we test on validation.
-HUB_DATASETS = {
-    "mnist": ("ylecun/mnist", None, "train", "test"),
-    "cifar10": ("uoft-cs/cifar10", None, "train", "test"),
-    "stsb": ("nyu-mll/glue", "stsb", "train", "validation"),
-}
+# Hugging Face dataset ids: (path, config name, train split, test split); in
+# configs.py so that validation can check them without importing torch.
+HUB_DATASETS = CONTROLLED_HUB_DATASETS
 # per-channel mean / std of the pixel values scaled to [0, 1] (the original's constants)
 PIXEL_NORMALISATION = {
     "digits": ([0.3053], [0.3760]),  # scikit-learn digits, pixels 0..16 scaled by 1/16
