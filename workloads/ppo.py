@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from .configs import PPOConfig
 from .context import WorkloadContext
 from .gradnorm import per_input_grad_norms, reward_stats
-from .models import _pad as pad_rows
+from .models import _pad as pad_rows  # the padding token_log_probs uses: the same alignment
 from .models import (encode_prompts, generate_outputs, load_model_and_tokenizer, sequence_log_probs,
                      token_log_probs, unwrap)
 from .rewards import get_reward
