@@ -277,9 +277,11 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
                                   weight_decay=config.weight_decay)
     start_step, kl_coef, initial_monitor_std = 0, config.kl_coef, {}
     if resuming:
-        actor_critic.value_head.load_state_dict(torch.load(os.path.join(ctx.resume_from, VALUE_HEAD_FILE),
-                                                           map_location=device))
-        optimizer.load_state_dict(torch.load(os.path.join(ctx.resume_from, OPTIMIZER_FILE), map_location=device))
+        def load(name):
+            return torch.load(os.path.join(ctx.resume_from, name), map_location=device, weights_only=True)
+
+        actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
+        optimizer.load_state_dict(load(OPTIMIZER_FILE))
         with open(os.path.join(ctx.resume_from, STATE_FILE)) as f:
             state = json.load(f)
         start_step, kl_coef = state["step"], state["kl_coef"]
