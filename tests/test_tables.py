@@ -59,10 +59,14 @@ def test_per_input_stats_match_numpy(tmp_path):
 def test_aggregation_detects_duplicated_and_lost_rows(tmp_path):
     writer = _write_trial(tmp_path, "s", "extract-a", {0: [0.0, 1.0], 1: [1.0, 1.0, 0.0]})
     samples = read_table(str(tmp_path), "s", "samples")
-    with pytest.raises(AggregationError, match="more than once"):
+    with pytest.raises(AggregationError, match="lost or duplicated"):
         per_input_table(pa.concat_tables([samples, samples.slice(0, 1)]), read_table(str(tmp_path), "s", "inputs"))
     with pytest.raises(AggregationError, match="lost or duplicated"):
         per_input_table(samples.slice(1), read_table(str(tmp_path), "s", "inputs"))
+    # a lost sample and a duplicated one in the same input: the count is right, the indices are not
+    swapped = pa.concat_tables([samples.slice(1, 1), samples.slice(1)])
+    with pytest.raises(AggregationError, match="lost or duplicated"):
+        per_input_table(swapped, read_table(str(tmp_path), "s", "inputs"))
     # rewriting a shard under the same name replaces it: no duplicate rows, no temp files left
     writer.write("samples", "inputs-000000-000099", samples.select(["step", "input_id", "sample_idx", "reward"]).to_pylist())
     again = read_table(str(tmp_path), "s", "samples")
@@ -135,3 +139,22 @@ def test_report_holds_every_plot_and_its_data(tmp_path):
     c = fit_envelope(stds, stds)  # grad_norm was set equal to the std above
     assert f"{c:.3g}·std^(2\\u002f3)" in page  # the fitted envelope trace (plotly escapes "/")
     assert "<script" in page and "<script src=" not in page  # self-contained: plotly.js inlined, nothing fetched
+
+
+def test_unsorted_rows_give_the_same_table_as_sorted_ones(tmp_path):
+    rng = np.random.default_rng(5)
+    rewards = {i: rng.random(rng.integers(2, 7)) for i in range(30)}
+    _write_trial(tmp_path, "s", "extract-b", rewards, grad_norms={i: float(i) for i in rewards})
+    _write_trial(tmp_path, "s", "extract-a", rewards, grad_norms={i: 2.0 * i for i in rewards})
+    samples = read_table(str(tmp_path), "s", "samples")
+    inputs = read_table(str(tmp_path), "s", "inputs")
+    sorted_result = per_input_table(samples, inputs)  # segmented scan: shards arrive in input order
+    shuffled = samples.take(pa.array(rng.permutation(samples.num_rows)))
+    hashed_result = per_input_table(shuffled, inputs)  # the hash group-by fallback
+    for name in sorted_result.column_names:
+        if name in ("reward_mean", "reward_std", "reward_std_unbiased"):  # summation order differs
+            np.testing.assert_allclose(hashed_result[name].to_numpy(), sorted_result[name].to_numpy(), rtol=1e-12)
+        else:
+            assert hashed_result[name].equals(sorted_result[name]), name
+    assert sorted_result["trial"].to_pylist()[:1] == ["extract-a"]  # ordered by trial id, then input
+    assert per_input_table(shuffled, None)["prompt"].to_pylist() == sorted_result["prompt"].to_pylist()
