@@ -332,6 +332,7 @@ def inputs_summary(results: str, sweep: str, stage: str, trial: str,
     table = read_table(results, sweep, "inputs", stage, trial)
     if table is None or table.num_rows == 0:
         return {}
+    table = table.filter(pc.equal(table["step"], pc.max(table["step"])))  # the model as the trial left it
     std = table["reward_std"]
     summary = {
         "num_inputs": table.num_rows,

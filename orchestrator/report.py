@@ -113,8 +113,44 @@ def _table_html(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _improvement_figure(inputs: pd.DataFrame, labels: dict[str, str]):
+    """Per-input reward change from a trial's first to its last measured step,
+    against the reward std at the first step (PPO's monitor set): the paper's
+    evidence that RFT barely moves inputs whose initial reward std is small."""
+    fig = go.Figure()
+    rows = []
+    for t, sub in inputs.groupby("trial", sort=False):
+        steps = sorted(sub["step"].unique())
+        if len(steps) < 2:
+            continue
+        first = sub[sub["step"] == steps[0]].set_index("input_id")
+        last = sub[sub["step"] == steps[-1]].set_index("input_id")
+        both = first.join(last, lsuffix="_first", rsuffix="_last", how="inner")
+        gain = both["reward_mean_last"] - both["reward_mean_first"]
+        fig.add_trace(go.Scattergl(x=both["reward_std_first"], y=gain, mode="markers", marker={"size": 6, "opacity": 0.7},
+                                   name=f"{labels.get(t, t)}: step {steps[0]} → {steps[-1]}",
+                                   text=both["prompt_first"], hovertemplate="initial std %{x:.3f}<br>gain %{y:.3f}<br>%{text}<extra></extra>"))
+        for lo, hi in ((0, 0.05), (0.05, float("inf"))):
+            group = (both["reward_std_first"] >= lo) & (both["reward_std_first"] < hi)
+            rows.append({"trial": labels.get(t, t), "initial reward std": f"[{lo}, {hi})", "inputs": int(group.sum()),
+                         "reward before": both["reward_mean_first"][group].mean(),
+                         "reward after": both["reward_mean_last"][group].mean(), "gain": gain[group].mean()})
+    if not rows:
+        return None
+    fig.add_hline(y=0, line={"color": "#999", "width": 1})
+    fig.update_layout(title="Reward gain per input vs its initial reward std (first → last measured step)",
+                      xaxis_title="initial reward std", yaxis_title="reward mean after − before")
+    return ("improvement-vs-initial-std", fig,
+            "Mean gain by initial reward std (small std: under 0.05):" + _table_html(pd.DataFrame(rows)))
+
+
 def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
     figs: list = []
+    # a trial measured at several steps (PPO's monitor set) gets one trace per step
+    if inputs.groupby("trial")["step"].nunique().max() > 1:
+        inputs = inputs.assign(trial=inputs["trial"] + "@" + inputs["step"].astype(str))
+        labels = {**labels, **{f"{t}@{s}": f"{labels.get(t, t)} @ step {s}"
+                               for t, s in inputs["trial"].str.rsplit("@", n=1).map(tuple).unique()}}
     trials = list(dict.fromkeys(inputs["trial"]))
 
     fig = go.Figure()
@@ -193,6 +229,10 @@ def build_report(results: str, sweep: str) -> str:
     if len(inputs):
         blocks.append("<h2>Per-input reward std and gradient norm</h2>")
         blocks += _extract_figures(inputs, labels)
+        improvement = _improvement_figure(inputs, labels)
+        if improvement is not None:
+            blocks.append("<h2>Which inputs did finetuning improve?</h2>")
+            blocks.append(improvement)
     controlled_trials = set(trials[trials["workload"] == "controlled"]["trial"]) if len(trials) else set()
     curves = metrics[~metrics["trial"].isin(controlled_trials)] if len(metrics) else metrics
     if len(curves):

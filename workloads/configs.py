@@ -168,6 +168,7 @@ class PPOConfig(StrictConfig):
     task: str = "reverse"
     reward: str = "task"  # "task" = the task's default reward (workloads.tasks.default_reward)
     reward_args: dict = {}  # keyword arguments of the reward factory
+    dataset_path: Optional[str] = None  # GRUE: local copy (save_to_disk dir or <split>.parquet/.jsonl/.csv)
     num_train_inputs: int = Field(5000, ge=1)  # prompts are drawn from this many train inputs
     generation: GenerationConfig = GenerationConfig()  # rollout sampling (paper: temperature 1)
     # rollouts
@@ -219,6 +220,17 @@ class PPOConfig(StrictConfig):
             raise ValueError(f"monitor_reward_std_thresholds must be positive and strictly increasing, got {thresholds}")
         if self.reward == "task" and self.reward_args:
             raise ValueError("reward_args needs an explicit reward name (reward: task takes no arguments)")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_model_and_data_can_run(self):
+        # as ExtractConfig: fail at validation, not in a worker
+        from .availability import check_model_available, check_task_data
+        from .tasks import check_task_and_reward
+
+        check_task_and_reward(self.task, self.reward, self.reward_args)
+        check_model_available(self.model)
+        check_task_data(self.task, self.dataset_path)
         return self
 
 

@@ -63,7 +63,7 @@ from .models import _pad as pad_rows  # the padding token_log_probs uses: the sa
 from .models import (encode_prompts, generate_outputs, load_model_and_tokenizer, sequence_log_probs,
                      token_log_probs, unwrap)
 from .rewards import get_reward
-from .tasks import choose_inputs, default_reward, get_examples, prompt_text, references
+from .tasks import choose_inputs, get_examples, prompt_text, references, resolve_reward
 
 VALUE_HEAD_FILE = "value_head.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -289,10 +289,9 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
     train_model = DistributedDataParallel(actor_critic) if distributed else actor_critic
 
     # --- data: a pool of train inputs; the monitor set is its first num_eval_inputs
-    pool = choose_inputs(config.task, "train", config.num_train_inputs, config.seed)
+    pool = choose_inputs(config.task, "train", config.num_train_inputs, config.seed, config.dataset_path)
     monitor_ids = pool[: config.num_eval_inputs]
-    reward_name = default_reward(config.task) if config.reward == "task" else config.reward
-    reward_fn = get_reward(reward_name, **config.reward_args) if config.reward_args else get_reward(reward_name)
+    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))  # the task's default args too
     dataset = f"{config.task}/train"
 
     def prompts_and_references(examples):
@@ -333,7 +332,8 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
             sample_rows = []
             for batch_start in range(first, end, config.prompts_per_rollout):
                 examples = get_examples(config.task, "train",
-                                        monitor_ids[batch_start : min(end, batch_start + config.prompts_per_rollout)])
+                                        monitor_ids[batch_start : min(end, batch_start + config.prompts_per_rollout)],
+                                        config.dataset_path)
                 prompts, prompt_ids, refs = prompts_and_references(examples)
                 outputs, texts, rewards, reward_matrix = sample_and_score(prompts, prompt_ids, refs)
                 with torch.no_grad():
@@ -410,7 +410,7 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
         # --- 1. rollout: this rank's slice of the step's prompts, K completions each
         tic = time.perf_counter()
         step_prompt_ids = random.Random(config.seed * 1_000_003 + step).sample(pool, config.prompts_per_rollout)
-        examples = get_examples(config.task, "train", ctx.my_items(step_prompt_ids))
+        examples = get_examples(config.task, "train", ctx.my_items(step_prompt_ids), config.dataset_path)
         prompts, prompt_ids, refs = prompts_and_references(examples)
         outputs, _, _, reward_matrix = sample_and_score(prompts, prompt_ids, refs)
         completion_prompt_ids = [p for p in prompt_ids for _ in range(K)]
