@@ -1,6 +1,8 @@
 """The per-input gradient norm against a slow reference written independently:
 one backward per SAMPLE, float64, log-probs of unpadded single sequences
-computed by plain code (no shared helper from workloads.models)."""
+computed by plain code (no shared helper from workloads.models); and the
+batched production path (per_input_grad_norms) against its slow twin, the
+per-input loop (per_input_grad_norms_loop), in every form it can take."""
 
 import copy
 import math
@@ -10,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from workloads.gradnorm import leave_one_out_advantages, per_input_grad_norms, reward_stats
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from workloads import gradnorm
+from workloads.gradnorm import (
+    batched_grad_norms_unsupported,
+    leave_one_out_advantages,
+    per_input_grad_norms,
+    per_input_grad_norms_loop,
+    reward_stats,
+)
 from workloads.models import load_model_and_tokenizer, sequence_log_probs
 
 
@@ -51,12 +62,14 @@ def random_groups(tokenizer, num_inputs, K, seed):
     return prompts, outputs, rewards
 
 
-@pytest.mark.parametrize("name", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
-def test_grad_norm_matches_per_sample_reference(name):
+@pytest.mark.parametrize("name,form", [("builtin:tiny-gpt2", None), ("builtin:tiny-gpt2", "ghost"),
+                                       ("builtin:tiny-gpt2", "explicit"), ("builtin:tiny-t5", None)])
+def test_grad_norm_matches_per_sample_reference(name, form, monkeypatch):
     model, tokenizer = load_model_and_tokenizer(name, dtype=torch.float64)
     model.eval()
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=5, K=4, seed=0)
 
+    monkeypatch.setattr(gradnorm, "_FORCE_NORM_FORM", form)
     fast = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards))
 
     reference_model = copy.deepcopy(model)
@@ -100,3 +113,96 @@ def test_leave_one_out_baseline_and_reward_stats():
     np.testing.assert_allclose(mean.numpy(), rewards.numpy().mean(axis=1))
     np.testing.assert_allclose(std.numpy(), rewards.numpy().std(axis=1, ddof=0))
     np.testing.assert_allclose(std_unbiased.numpy(), rewards.numpy().std(axis=1, ddof=1))
+
+
+# --------------------------------------------------------------------------
+# the batched path against the per-input loop
+# --------------------------------------------------------------------------
+
+def tiny_gpt2(tokenizer, **overrides) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **overrides)
+    torch.manual_seed(3)
+    return GPT2LMHeadModel(config).double().eval()
+
+
+def assert_batched_equals_loop(model, prompts, outputs, rewards, **kwargs):
+    loop = per_input_grad_norms_loop(model, prompts, outputs, rewards)
+    batched = per_input_grad_norms(model, prompts, outputs, rewards, **kwargs)
+    zero = loop == 0
+    assert (batched[zero] == 0).all()  # all-equal rewards: exactly 0 on both paths
+    np.testing.assert_allclose(batched.numpy(), loop.numpy(), rtol=1e-6, atol=0)
+    return batched
+
+
+@pytest.mark.parametrize("form", [None, "ghost", "explicit"])
+@pytest.mark.parametrize("K", [2, 3])
+@pytest.mark.parametrize("max_sequences", [4096, 5])  # everything in one backward / chunks of 1-2 inputs
+def test_batched_equals_loop_tied_gpt2(form, K, max_sequences, monkeypatch):
+    """builtin:tiny-gpt2 ties the LM head to the token embedding: the two
+    contributions to that weight's gradient must be summed before the norm."""
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
+    model.eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert batched_grad_norms_unsupported(model) is None  # it takes the batched path
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=6, K=K, seed=10 + K)
+    rewards[1] = [0.25] * K  # a second all-equal group, in the middle
+    monkeypatch.setattr(gradnorm, "_FORCE_NORM_FORM", form)
+    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), max_sequences=max_sequences)
+    assert norms[1] == 0 and norms[-1] == 0 and (norms[[0, 2, 3, 4]] > 0).all()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_batched_equals_loop_untied_gpt2_with_frozen_parameters(attention):
+    """An untied LM head (a plain Linear) and frozen parameters (left out of the
+    norm by both paths); both attention implementations."""
+    _, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2")
+    model = tiny_gpt2(tokenizer, tie_word_embeddings=False, attn_implementation=attention)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=4, K=3, seed=4)
+    assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards))
+
+    frozen = [model.transformer.wpe.weight, model.transformer.ln_f.bias, model.transformer.h[0].mlp.c_fc.weight]
+    for p in frozen:
+        p.requires_grad_(False)
+    assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards))
+    # the batched path restores the flags it lowers and leaves no .grad behind
+    assert [p.requires_grad for p in model.parameters()].count(False) == len(frozen)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_padding_contributes_nothing():
+    """An input's norm is the same alone (no padding beyond its own ragged
+    samples) and batched with much longer prompts and outputs around it."""
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
+    model.eval()
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=3, K=3, seed=6)
+    long_prompt = list(range(4, 44))
+    long_outputs = [list(range(5, 35)) + [tokenizer.eos_token_id], [7, tokenizer.eos_token_id],
+                    list(range(9, 29)) + [tokenizer.eos_token_id]]
+    alone = per_input_grad_norms(model, prompts[:1], outputs[:1], torch.tensor(rewards[:1]))
+    padded = per_input_grad_norms(model, [long_prompt, prompts[0], long_prompt],
+                                  [long_outputs, outputs[0], long_outputs],
+                                  torch.tensor([[0.1, 0.9, 0.4], rewards[0], [0.3, 0.2, 0.8]]))
+    np.testing.assert_allclose(padded[1].item(), alone[0].item(), rtol=1e-9)
+
+
+def test_seq2seq_falls_back_to_the_loop(monkeypatch):
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-t5", dtype=torch.float64)
+    model.eval()
+    assert "seq2seq" in batched_grad_norms_unsupported(model)
+    calls = []
+    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a: calls.append(a))
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=3, K=2, seed=7)
+    assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards))
+    assert calls == []
+
+
+def test_batched_float32_close_to_float64_loop():
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float32)
+    model.eval()
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=4, K=4, seed=8)
+    single = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards))
+    double = per_input_grad_norms_loop(model.double(), prompts, outputs, torch.tensor(rewards))
+    np.testing.assert_allclose(single.numpy(), double.numpy(), rtol=1e-4)
