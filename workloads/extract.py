@@ -67,58 +67,63 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
         # the same shard always draws the same samples, whichever worker runs it
         torch.manual_seed(config.seed * 1_000_003 + first)
         examples = get_examples(config.task, config.split, chosen[first : last + 1], config.dataset_path)
-        sample_rows, input_rows = [], []
-        for batch_start in range(0, len(examples), config.batch_size):
-            batch = examples[batch_start : batch_start + config.batch_size]
-            prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in batch]
-            prompt_ids = encode_prompts(tokenizer, prompts, gen.max_prompt_length, encoder_decoder)
-
-            # one generate() call: K samples per prompt via num_return_sequences
+        prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in examples]
+        prompt_ids = encode_prompts(tokenizer, prompts, gen.max_prompt_length, encoder_decoder)
+        # bucketing: batches of prompts of similar length pad less (generation and gradients);
+        # results are stored per input and written in the shard's order
+        by_length = sorted(range(len(examples)), key=lambda j: len(prompt_ids[j]))
+        outputs_of, texts_of, rewards_of, log_probs_of = {}, {}, {}, {}
+        for batch_start in range(0, len(by_length), config.batch_size):
+            batch = by_length[batch_start : batch_start + config.batch_size]
             tic = time.perf_counter()
-            outputs = generate_outputs(
-                model, tokenizer, prompt_ids, num_return_sequences=K, do_sample=True,
-                temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                min_new_tokens=gen.min_new_tokens, max_new_tokens=gen.max_new_tokens,
-            )  # prompt-major: rows i*K .. i*K+K-1 are input i's samples
+            outputs = sample_outputs(model, tokenizer, [prompt_ids[j] for j in batch], K, gen)
             seconds["generate"] += time.perf_counter() - tic
 
             tic = time.perf_counter()
-            texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-            rewards = reward_fn([p for p in prompts for _ in range(K)], texts,
-                                [references(config.task, ex) for ex in batch for _ in range(K)])
-            repeated_prompt_ids = [p for p in prompt_ids for _ in range(K)]
+            texts, rewards = score_outputs(tokenizer, reward_fn, [prompts[j] for j in batch],
+                                           [references(config.task, examples[j]) for j in batch], outputs, K)
+            repeated_prompt_ids = [prompt_ids[j] for j in batch for _ in range(K)]
             with torch.no_grad():  # log pi_theta(y|x) of the model itself: temperature 1, no top-k/p
                 log_probs = sequence_log_probs(model, repeated_prompt_ids, outputs).tolist()
-            reward_matrix = torch.tensor([r.value for r in rewards], dtype=torch.float64).view(len(batch), K)
-            reward_mean, reward_std, reward_std_unbiased = reward_stats(reward_matrix)
             seconds["score"] += time.perf_counter() - tic
+            for i, j in enumerate(batch):
+                rows = slice(i * K, (i + 1) * K)
+                outputs_of[j], texts_of[j], rewards_of[j], log_probs_of[j] = \
+                    outputs[rows], texts[rows], rewards[rows], log_probs[rows]
+            progress.update(len(batch))
 
-            tic = time.perf_counter()
-            if config.compute_grad_norm:
-                grouped = [outputs[i * K : (i + 1) * K] for i in range(len(batch))]
-                grad_norms = per_input_grad_norms(grad_model, prompt_ids, grouped, reward_matrix).tolist()
-            else:
-                grad_norms = [None] * len(batch)
-            seconds["grad_norm"] += time.perf_counter() - tic
+        reward_matrix = torch.tensor([[r.value for r in rewards_of[j]] for j in range(len(examples))],
+                                     dtype=torch.float64).view(len(examples), K)
+        reward_mean, reward_std, reward_std_unbiased = reward_stats(reward_matrix)
+        tic = time.perf_counter()
+        grad_norms = [None] * len(examples)
+        if config.compute_grad_norm:
+            # all the shard's inputs in one call: it runs one forward/backward per max_sequences
+            # sequences, taking the inputs in length order (bucketed like the generation batches)
+            in_length_order = per_input_grad_norms(grad_model, [prompt_ids[j] for j in by_length],
+                                                   [outputs_of[j] for j in by_length], reward_matrix[by_length])
+            for j, norm in zip(by_length, in_length_order.tolist()):
+                grad_norms[j] = norm
+        seconds["grad_norm"] += time.perf_counter() - tic
 
-            for i, ex in enumerate(batch):
-                for k in range(K):
-                    row = i * K + k
-                    sample_rows.append({
-                        "step": 0, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts[i], "output": texts[row],
-                        "reward": rewards[row].value, "reward_components": rewards[row].components,
-                        "log_prob": log_probs[row], "num_tokens": len(outputs[row]),
-                        "model": config.model, "dataset": dataset,
-                    })
-                input_rows.append({
-                    "step": 0, "input_id": ex.input_id, "prompt": prompts[i], "num_samples": K,
-                    "reward_mean": reward_mean[i].item(), "reward_std": reward_std[i].item(),
-                    "reward_std_unbiased": reward_std_unbiased[i].item(), "grad_norm": grad_norms[i],
+        sample_rows, input_rows = [], []
+        for j, ex in enumerate(examples):
+            for k in range(K):
+                reward = rewards_of[j][k]
+                sample_rows.append({
+                    "step": 0, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts[j], "output": texts_of[j][k],
+                    "reward": reward.value, "reward_components": reward.components,
+                    "log_prob": log_probs_of[j][k], "num_tokens": len(outputs_of[j][k]),
                     "model": config.model, "dataset": dataset,
                 })
-            num_samples += len(outputs)
-            num_tokens += sum(len(o) for o in outputs)
-            progress.update(len(batch))
+            input_rows.append({
+                "step": 0, "input_id": ex.input_id, "prompt": prompts[j], "num_samples": K,
+                "reward_mean": reward_mean[j].item(), "reward_std": reward_std[j].item(),
+                "reward_std_unbiased": reward_std_unbiased[j].item(), "grad_norm": grad_norms[j],
+                "model": config.model, "dataset": dataset,
+            })
+            num_samples += K
+            num_tokens += sum(len(o) for o in outputs_of[j])
         # samples first: a shard counts as done only once its `inputs` file exists
         ctx.writer.write("samples", name, sample_rows)
         ctx.writer.write("inputs", name, input_rows)
@@ -143,6 +148,25 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     }
     ctx.report(summary)
     return summary
+
+
+def sample_outputs(model, tokenizer, prompt_ids: list[list[int]], num_samples: int, gen) -> list[list[int]]:
+    """K samples for each prompt from ONE generate() call (num_return_sequences=K),
+    prompt-major: rows i*K .. i*K+K-1 are prompt i's."""
+    return generate_outputs(
+        model, tokenizer, prompt_ids, num_return_sequences=num_samples, do_sample=True,
+        temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+        min_new_tokens=gen.min_new_tokens, max_new_tokens=gen.max_new_tokens,
+    )
+
+
+def score_outputs(tokenizer, reward_fn, prompts: list[str], input_references: list, outputs: list[list[int]],
+                  num_samples: int):
+    """(texts, rewards) of prompt-major samples: one batch_decode and ONE reward call for all of them."""
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    rewards = reward_fn([p for p in prompts for _ in range(num_samples)], texts,
+                        [refs for refs in input_references for _ in range(num_samples)])
+    return texts, rewards
 
 
 def _mean(values: list[float]) -> float:
