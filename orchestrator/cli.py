@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .spec import SpecError, grid_points, load_spec
@@ -22,6 +23,7 @@ EXAMPLES = """examples:
   rlgrad status quickstart
   rlgrad report quickstart
   rlgrad query "SELECT trial, avg(reward_std) AS std, avg(grad_norm) AS g FROM inputs GROUP BY trial"
+  rlgrad import sft_vs_rft_mlp_mnist_finetune_experiments_plan.json -o search_spaces/mine.yaml
 
 tables (one row per ...): samples (input, sample), inputs (input), metrics (step, metric, split), trials (trial).
 Every row carries sweep, stage, trial and config_hash.
@@ -153,6 +155,41 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    """An original apple/ml-rlgrad config -> a sweep file of ours, validated before it is written."""
+    import yaml
+
+    from .spec import parse_spec
+
+    try:
+        if args.source.endswith(".json"):
+            from .import_plan import import_plan_file
+
+            spec = import_plan_file(args.source, args.sweep, args.pretrain_plan)
+        else:
+            from .import_rl4lms import import_rl4lms_file
+
+            spec = import_rl4lms_file(args.source)
+            if args.sweep:
+                spec["sweep"] = args.sweep
+    except OSError as e:
+        raise SpecError(f"{args.source}: cannot read it: {e.strerror}") from None
+    text = f"# imported by `rlgrad import` from {args.source}\n" + yaml.safe_dump(spec, sort_keys=False)
+    from workloads.availability import hub_assumed_reachable
+
+    with hub_assumed_reachable():  # data and models are checked where the sweep runs (`rlgrad run`)
+        parse_spec(text, source=args.output or "<imported>")  # refuse to write what `rlgrad run` would refuse
+    if args.output:
+        if os.path.exists(args.output) and not args.force:
+            raise SpecError(f"{args.output} exists; pass --force to overwrite it")
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output}: sweep {spec['sweep']!r}, {len(spec['stages'])} stage(s)")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlgrad", description="Ray-distributed sweeps that measure (and fix) vanishing gradients in "
@@ -199,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--output", help="write the result to a .parquet or .csv file instead")
     query.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
     query.set_defaults(func=_cmd_query)
+
+    imp = sub.add_parser("import", help="turn an original apple/ml-rlgrad config into a sweep file",
+                         description="SOURCE is either a controlled-experiment plan (sft_vs_rft/experiment_plans/"
+                                     "*.json: base_config + options grid) or an RL4LMs-style YAML "
+                                     "(rl4lms_scripts/**.yml). The result is validated like `rlgrad run` would.")
+    imp.add_argument("source")
+    imp.add_argument("-o", "--output", help="write the sweep file here (default: print it)")
+    imp.add_argument("--sweep", help="name of the sweep (default: from the file name)")
+    imp.add_argument("--pretrain-plan", help="plan JSON: the pretraining plan that a finetune plan starts from")
+    imp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    imp.set_defaults(func=_cmd_import)
     return parser
 
 

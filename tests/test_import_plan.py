@@ -142,3 +142,34 @@ def test_shipped_reference_sweeps_parse():
             spec = parse_spec(f.read(), source=path)
         names = [s.name for s in spec.stages]
         assert names in (["pretrain"], ["pretrain", "finetune"]), path
+
+
+def test_rlgrad_import_writes_a_sweep_that_validates(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    source = tmp_path / "mine_experiments_plan.json"
+    source.write_text(json.dumps(FINETUNE_SGD))
+    out = tmp_path / "mine.yaml"
+    assert main(["import", str(source), "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    text = out.read_text()
+    assert text.startswith("# imported by `rlgrad import`")
+    spec = yaml.safe_load(text)
+    assert spec["sweep"] == "mine"
+    assert main(["import", str(source), "-o", str(out)]) == 2  # no silent overwrite
+    assert "exists; pass --force" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(plan({"no_such_option": 1}, {"init_rnd_seed": [111], "samples_rnd_seed": [192]})))
+    assert main(["import", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_option" in err
+
+
+@pytest.fixture(autouse=True)
+def _hub_assumed_reachable():
+    """These tests check how configs translate, not whether MNIST or t5-base can be
+    downloaded here (that is tests/test_bad_input.py's job)."""
+    from workloads.availability import hub_assumed_reachable
+
+    with hub_assumed_reachable():
+        yield

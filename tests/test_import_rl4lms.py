@@ -180,3 +180,13 @@ def test_ppo_on_supervised_placeholder_and_beam_search_are_named():
     extract["evaluation"]["metrics"].append({"id": "bleu", "args": {}})
     with pytest.raises(Rl4lmsImportError, match=r"one reward, got \['sacre_bleu', 'bleu'\]"):
         rl4lms_to_spec(extract, "x")
+
+
+@pytest.fixture(autouse=True)
+def _hub_assumed_reachable():
+    """These tests check how configs translate, not whether MNIST or t5-base can be
+    downloaded here (that is tests/test_bad_input.py's job)."""
+    from workloads.availability import hub_assumed_reachable
+
+    with hub_assumed_reachable():
+        yield

@@ -143,7 +143,7 @@ def test_learned_reward_is_the_classifier_probability(tiny_classifier):
 
 def test_learned_reward_validation(monkeypatch, tiny_classifier, tmp_path):
     # a local classifier validates; an unavailable hub id does not
-    ExtractConfig.model_validate({"task": "imdb", "reward": "learned",
+    ExtractConfig.model_validate({"task": "imdb", "reward": "learned", "dataset_path": str(tmp_path),
                                   "reward_args": {"model": tiny_classifier, "label_index": 1}})
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
@@ -155,10 +155,10 @@ def test_learned_reward_validation(monkeypatch, tiny_classifier, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(pydantic.ValidationError,
                        match=r"model 'lvwerra/distilbert-imdb' is not available .* unreachable"):
-        ExtractConfig.model_validate({"task": "imdb"})  # IMDB's default reward: lvwerra/distilbert-imdb
+        ExtractConfig.model_validate({"task": "imdb", "dataset_path": str(tmp_path)})  # default reward: lvwerra/distilbert-imdb
     grue.hub_is_reachable.cache_clear()
     with pytest.raises(pydantic.ValidationError, match="needs argument"):
-        SFTConfig.model_validate({"task": "imdb", "reward": "learned"})
+        SFTConfig.model_validate({"task": "imdb", "reward": "learned", "dataset_path": str(tmp_path)})
 
 
 # ---------------------------------------------------------------- names, arguments, torch-free validation
@@ -176,8 +176,9 @@ def test_unknown_rewards_and_arguments_are_named():
 
 def test_validation_imports_no_torch():
     code = ("import sys; from workloads.configs import ExtractConfig; "
-            "ExtractConfig.model_validate({'task': 'narrative_qa'}); "
-            "ExtractConfig.model_validate({'task': 'totto', 'reward': 'sacrebleu', 'reward_args': {'tokenize': 'intl'}}); "
+            "ExtractConfig.model_validate({'task': 'narrative_qa', 'dataset_path': '.'}); "
+            "ExtractConfig.model_validate({'task': 'totto', 'dataset_path': '.', 'reward': 'sacrebleu', "
+            "'reward_args': {'tokenize': 'intl'}}); "
             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

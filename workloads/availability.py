@@ -3,7 +3,31 @@ sweep fails before any worker starts rather than minutes into a run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+_assume_hub_reachable = False
+
+
+@contextlib.contextmanager
+def hub_assumed_reachable():
+    """Check everything but whether the hub can be reached (for files written
+    here to run on a cluster that has the hub, e.g. `rlgrad import`)."""
+    global _assume_hub_reachable
+    previous, _assume_hub_reachable = _assume_hub_reachable, True
+    try:
+        yield
+    finally:
+        _assume_hub_reachable = previous
+
+
+def hub_unavailable() -> bool:
+    """True when nothing can be fetched from the Hugging Face hub here."""
+    if _assume_hub_reachable:
+        return False
+    from .grue import hub_is_reachable, hub_offline_mode
+
+    return hub_offline_mode() or not hub_is_reachable()
 
 
 class ModelNotFoundError(ValueError):
@@ -28,10 +52,10 @@ def check_model_available(name: str) -> None:
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path; hub ids are "org/name"
         raise ModelNotFoundError(f"model {name!r}: no such directory")
-    from .grue import hub_endpoint, hub_is_reachable, hub_offline_mode
+    from .grue import hub_endpoint, hub_offline_mode
     from .rewards import _in_hub_cache
 
-    if (hub_offline_mode() or not hub_is_reachable()) and not _in_hub_cache(name):
+    if hub_unavailable() and not _in_hub_cache(name):
         state = "switched off (HF_HUB_OFFLINE)" if hub_offline_mode() else "unreachable"
         raise ModelNotFoundError(
             f"model {name!r} is not available: not a local directory, not in the Hugging Face cache, and the hub "
@@ -63,9 +87,9 @@ def check_dataset_available(name: str, hub_id: str | None, dataset_path: str | N
         return
     if hub_id is None:
         return
-    from .grue import hub_endpoint, hub_is_reachable, hub_offline_mode
+    from .grue import hub_endpoint, hub_offline_mode
 
-    if (hub_offline_mode() or not hub_is_reachable()) and not _dataset_in_cache(hub_id):
+    if hub_unavailable() and not _dataset_in_cache(hub_id):
         state = "switched off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)" if hub_offline_mode() else "unreachable"
         raise DatasetNotFoundError(
             f"dataset {name!r} ({hub_id}) is not available offline: not cached here and the hub ({hub_endpoint()}) "

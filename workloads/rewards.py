@@ -275,9 +275,10 @@ def _check_learned(args: dict) -> None:
             raise RewardNotAvailableError(f"reward 'learned': {model!r} holds no config.json "
                                           "(save the classifier and its tokenizer with save_pretrained)")
         return
-    from .grue import hub_endpoint, hub_is_reachable, hub_offline_mode
+    from .availability import hub_unavailable
+    from .grue import hub_endpoint, hub_offline_mode
 
-    if (hub_offline_mode() or not hub_is_reachable()) and not _in_hub_cache(model):
+    if hub_unavailable() and not _in_hub_cache(model):
         raise RewardNotAvailableError(
             f"reward 'learned': model {model!r} is not available -- not a local directory, not in the "
             f"Hugging Face cache, and the hub ({hub_endpoint()}) is "
