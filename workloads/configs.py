@@ -50,18 +50,38 @@ class GenerationConfig(StrictConfig):
         return self
 
 
-class ExtractConfig(StrictConfig):
-    """Sample extraction (paper section 4): K samples per input, their rewards,
-    per-input reward mean/std and the per-input policy-gradient norm."""
+class TextTaskConfig(StrictConfig):
+    """What every language-model workload (extract, sft, ppo) names: a model, a
+    text task, the task's data and a reward -- all checked here, at validation,
+    so a sweep fails before any worker starts: unknown task or reward, bad reward
+    arguments, METEOR without WordNet data, a learned reward's model, the model
+    or the dataset unavailable (no local copy, no cache, no hub)."""
 
     checkpoint_field: ClassVar[str] = "model"  # what `from_stage:` fills in
-    produces_checkpoint: ClassVar[bool] = False
 
-    model: str = "builtin:tiny-gpt2"
+    model: str = "builtin:tiny-gpt2"  # built-in, a local checkpoint directory, or a hub id
     task: str = "reverse"  # built-in offline task, or a GRUE task (workloads/grue.py)
     dataset_path: Optional[str] = None  # GRUE: local copy (save_to_disk dir or <split>.parquet/.jsonl/.csv)
     reward: str = "task"  # "task" = the task's default reward (workloads.tasks.default_reward)
     reward_args: dict[str, Any] = {}  # arguments of a named reward (workloads/rewards.py)
+
+    @model_validator(mode="after")
+    def _task_reward_model_and_data_can_run(self):
+        from .availability import check_model_available, check_task_data
+        from .tasks import check_task_and_reward
+
+        check_task_and_reward(self.task, self.reward, self.reward_args)
+        check_model_available(self.model)
+        check_task_data(self.task, self.dataset_path)
+        return self
+
+
+class ExtractConfig(TextTaskConfig):
+    """Sample extraction (paper section 4): K samples per input, their rewards,
+    per-input reward mean/std and the per-input policy-gradient norm."""
+
+    produces_checkpoint: ClassVar[bool] = False
+
     split: Literal["train", "validation", "test"] = "train"
     num_inputs: int = Field(5000, ge=1)  # paper: 5,000 random train inputs
     num_samples_per_input: int = Field(10, ge=2)  # paper: 10 samples per input (K)
@@ -73,38 +93,15 @@ class ExtractConfig(StrictConfig):
     shard_size: int = Field(256, ge=1)  # inputs per Parquet shard (unit of resumption)
     reward_std_thresholds: list[float] = [0.01, 0.05, 0.1]  # reported shares
 
-    @model_validator(mode="after")
-    def _reward_can_run(self):
-        # fails here, before any worker starts: unknown task or reward, bad reward
-        # arguments, METEOR without WordNet data, a learned reward's model unavailable
-        from .tasks import check_task_and_reward
 
-        check_task_and_reward(self.task, self.reward, self.reward_args)
-        return self
-
-    @model_validator(mode="after")
-    def _model_and_data_can_load(self):
-        # an unknown built-in model, a missing directory, a hub id or dataset with no hub
-        from .availability import check_model_available, check_task_data
-
-        check_model_available(self.model)
-        check_task_data(self.task, self.dataset_path)
-        return self
-
-
-class SFTConfig(StrictConfig):
+class SFTConfig(TextTaskConfig):
     """Teacher-forced cross-entropy finetuning for causal and seq2seq models.
     The paper gives no SFT hyperparameters; these defaults are the usual
     Hugging Face Trainer ones, small enough for the built-in task."""
 
-    checkpoint_field: ClassVar[str] = "model"
     produces_checkpoint: ClassVar[bool] = True
 
-    model: str = "builtin:tiny-gpt2"
-    task: str = "reverse"
-    dataset_path: Optional[str] = None  # GRUE: local copy (save_to_disk dir or <split>.parquet/.jsonl/.csv)
-    reward: str = "task"  # of the held-out evaluation; "task" = the task's default reward
-    reward_args: dict[str, Any] = {}
+    # (reward: the held-out evaluation's)
     num_train_inputs: int = Field(5000, ge=1)
     frac_train_samples: float = Field(1.0, gt=0, le=1)  # section 5.2: labelled fraction
     max_steps: int = Field(-1, ge=-1)  # section 5.2: step cap; -1 = run num_epochs
@@ -115,22 +112,6 @@ class SFTConfig(StrictConfig):
     max_prompt_length: int = Field(512, ge=1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
-
-    @model_validator(mode="after")
-    def _reward_can_run(self):
-        from .tasks import check_task_and_reward  # see ExtractConfig
-
-        check_task_and_reward(self.task, self.reward, self.reward_args)
-        return self
-
-    @model_validator(mode="after")
-    def _model_and_data_can_load(self):
-        # an unknown built-in model, a missing directory, a hub id or dataset with no hub
-        from .availability import check_model_available, check_task_data
-
-        check_model_available(self.model)
-        check_task_data(self.task, self.dataset_path)
-        return self
 
 
 class NoopConfig(StrictConfig):
@@ -147,7 +128,7 @@ class NoopConfig(StrictConfig):
     init_checkpoint: Optional[str] = None
 
 
-class PPOConfig(StrictConfig):
+class PPOConfig(TextTaskConfig):
     """Actor-critic PPO on a language model (paper sections 4-5: "PPO" from the
     pretrained model and "PPO on supervised" from an SFT checkpoint), with a
     live monitor of per-prompt reward std and gradient norm.
@@ -160,15 +141,9 @@ class PPOConfig(StrictConfig):
     sample per prompt; K >= 2 samples per prompt make each prompt's reward
     std observable during training."""
 
-    checkpoint_field: ClassVar[str] = "model"  # `from_stage: sft` fills in the SFT checkpoint
-    produces_checkpoint: ClassVar[bool] = True
+    produces_checkpoint: ClassVar[bool] = True  # `from_stage: sft` fills `model` with the SFT checkpoint
 
-    # policy, task and reward
-    model: str = "builtin:tiny-gpt2"  # also the frozen reference model of the KL penalty
-    task: str = "reverse"
-    reward: str = "task"  # "task" = the task's default reward (workloads.tasks.default_reward)
-    reward_args: dict = {}  # keyword arguments of the reward factory
-    dataset_path: Optional[str] = None  # GRUE: local copy (save_to_disk dir or <split>.parquet/.jsonl/.csv)
+    # (model: also the frozen reference model of the KL penalty)
     num_train_inputs: int = Field(5000, ge=1)  # prompts are drawn from this many train inputs
     generation: GenerationConfig = GenerationConfig()  # rollout sampling (paper: temperature 1)
     # rollouts
@@ -220,17 +195,6 @@ class PPOConfig(StrictConfig):
             raise ValueError(f"monitor_reward_std_thresholds must be positive and strictly increasing, got {thresholds}")
         if self.reward == "task" and self.reward_args:
             raise ValueError("reward_args needs an explicit reward name (reward: task takes no arguments)")
-        return self
-
-    @model_validator(mode="after")
-    def _reward_model_and_data_can_run(self):
-        # as ExtractConfig: fail at validation, not in a worker
-        from .availability import check_model_available, check_task_data
-        from .tasks import check_task_and_reward
-
-        check_task_and_reward(self.task, self.reward, self.reward_args)
-        check_model_available(self.model)
-        check_task_data(self.task, self.dataset_path)
         return self
 
 
