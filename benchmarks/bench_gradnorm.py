@@ -38,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from workloads.gradnorm import (  # noqa: E402
+    DEFAULT_MAX_SEQUENCES,
     leave_one_out_advantages,
     per_input_grad_norms,
     per_input_grad_norms_loop,
@@ -65,7 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-sequences", type=int, default=None,
-                        help="batched path: sequences per forward/backward (default: all of them in one)")
+                        help="batched path: sequences per forward/backward (default: the production default, "
+                             "workloads.gradnorm.DEFAULT_MAX_SEQUENCES of the device)")
     parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # the per-method subprocess
     return parser.parse_args(argv)
 
@@ -104,8 +106,7 @@ def runner(method, args):
     if method == "loop":
         return lambda m, p, o, r: per_input_grad_norms_loop(m, p, o, r)
     if method == "batched":
-        max_sequences = args.max_sequences or args.inputs * args.samples
-        return lambda m, p, o, r: per_input_grad_norms(m, p, o, r, max_sequences=max_sequences)
+        return lambda m, p, o, r: per_input_grad_norms(m, p, o, r, max_sequences=args.max_sequences)
     return run_floor
 
 
@@ -183,7 +184,8 @@ def main(argv=None) -> None:
     print(f"model: GPT-2 {args.model_size} from config ({params / 1e6:.2f}M params, vocab {model.config.vocab_size}, "
           f"{args.dtype}); {args.inputs} inputs x K={args.samples} x {args.tokens} tokens (padded width); "
           f"{args.repeats} repeats after a warm-up")
-    print(f"batched vs loop: max relative difference of the norms {relative:.1e}")
+    print(f"batched path: {args.max_sequences or DEFAULT_MAX_SEQUENCES.get(torch.device(args.device).type)} "
+          f"sequences per forward/backward; max relative difference of its norms from the loop's {relative:.1e}")
     print()
     median = {m: statistics.median(s) for m, s in seconds.items()}
     memory_kind = "peak CUDA MiB" if str(args.device).startswith("cuda") else "peak RSS MiB"

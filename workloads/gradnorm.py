@@ -121,13 +121,16 @@ def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: li
 # a batch, and its RMS norm is another module), rotary / RMS-norm models -- takes
 # per_input_grad_norms_loop.
 
-DEFAULT_MAX_SEQUENCES = 256  # sequences per forward/backward: bounds activation memory
+# Sequences per forward/backward: bounds activation memory. On CPU, chunks of 64
+# sequences ran faster than 256 (cache-sized activations; benchmarks/bench_gradnorm.py
+# --max-sequences); a GPU wants bigger batches to fill its cores.
+DEFAULT_MAX_SEQUENCES = {"cpu": 64, "cuda": 256}
 _CHUNK_ELEMENTS = 1 << 25  # bound on a per-layer scratch tensor (n x n Grams or d_in x d_out per input)
 _FORCE_NORM_FORM: str | None = None  # "ghost" or "explicit" for every layer (the tests check both); None: cheaper
 
 
 def per_input_grad_norms(model, prompt_ids: list[list[int]], output_ids: list[list[list[int]]],
-                         rewards: torch.Tensor, *, max_sequences: int = DEFAULT_MAX_SEQUENCES) -> torch.Tensor:
+                         rewards: torch.Tensor, *, max_sequences: int | None = None) -> torch.Tensor:
     """||ĝ(x)|| for each input: a float64 tensor [num_inputs]; the production path.
 
     Same arguments and result as `per_input_grad_norms_loop` (one backward per
@@ -146,6 +149,8 @@ def per_input_grad_norms(model, prompt_ids: list[list[int]], output_ids: list[li
     grad_norms = torch.zeros(len(prompt_ids), dtype=torch.float64)
     active = [i for i in range(len(prompt_ids)) if advantages[i].any()]
     num_samples = rewards.shape[-1]
+    if max_sequences is None:
+        max_sequences = DEFAULT_MAX_SEQUENCES.get(next(model.parameters()).device.type, DEFAULT_MAX_SEQUENCES["cuda"])
     inputs_per_chunk = max(1, max_sequences // num_samples)
     for start in range(0, len(active), inputs_per_chunk):
         chunk = active[start : start + inputs_per_chunk]
