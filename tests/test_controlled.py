@@ -259,7 +259,13 @@ def test_stsb_local_copy_with_bert_mini(tmp_path):
 
 
 def test_missing_local_copy_names_the_dataset(tmp_path):
-    config = validate_config("controlled", dict(dataset="cifar10", dataset_path=str(tmp_path / "nowhere"), model={"type": "resnet18"}))
+    with pytest.raises(ValueError, match=r"'cifar10': dataset_path .*nowhere' does not exist"):
+        validate_config("controlled", dict(dataset="cifar10", dataset_path=str(tmp_path / "nowhere"), model={"type": "resnet18"}))
+    # gone between validation and the run: the loader names it too
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    config = validate_config("controlled", dict(dataset="cifar10", dataset_path=str(gone), model={"type": "resnet18"}))
+    gone.rmdir()
     with pytest.raises(C.DatasetUnavailableError, match=r"'cifar10'.*dataset_path"):
         C.load_controlled_data(config)
 
@@ -267,8 +273,13 @@ def test_missing_local_copy_names_the_dataset(tmp_path):
 def test_unreachable_hub_names_the_dataset(monkeypatch):
     import datasets.config
 
+    from workloads.availability import hub_assumed_reachable
+
+    with pytest.raises(ValueError, match=r"'mnist' \(ylecun/mnist\) is not available offline.*dataset_path"):
+        validate_config("controlled", dict(dataset="mnist"))  # refused before any worker starts
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    config = validate_config("controlled", dict(dataset="mnist"))
+    with hub_assumed_reachable():  # validated where the hub was up; the run finds it down
+        config = validate_config("controlled", dict(dataset="mnist"))
     with pytest.raises(C.DatasetUnavailableError, match=r"'mnist'.*ylecun/mnist.*dataset_path"):
         C.load_controlled_data(config)
 

@@ -113,4 +113,4 @@ def test_reverse_reward():
     assert too_long.value == pytest.approx(0.5) and too_long.components["length_match"] == pytest.approx(0.5)
     assert empty.value == 0.0
     with pytest.raises(ValueError, match="unknown reward"):
-        get_reward("meteor")
+        get_reward("bleurt")

@@ -296,14 +296,6 @@ class ControlledConfig(StrictConfig):
     eval_batch_size: int = Field(1024, ge=1)  # chunk size of the metric passes
 
     @model_validator(mode="after")
-    def _data_can_load(self):
-        from .availability import check_dataset_available
-
-        hub = CONTROLLED_HUB_DATASETS.get(self.dataset)
-        check_dataset_available(self.dataset, hub[0] if hub else None, self.dataset_path)
-        return self
-
-    @model_validator(mode="after")
     def _consistent(self):
         num_classes = CONTROLLED_NUM_CLASSES[self.dataset]
         if (self.dataset == "stsb") != (self.model.type == "bert-mini"):
@@ -319,6 +311,14 @@ class ControlledConfig(StrictConfig):
                 f"num_labels_per_sample={self.num_labels_per_sample} leaves no label outside the set "
                 f"for {self.dataset} ({num_classes} classes)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _data_can_load(self):  # after the rules above: shape errors first
+        from .availability import check_dataset_available
+
+        hub = CONTROLLED_HUB_DATASETS.get(self.dataset)
+        check_dataset_available(self.dataset, hub[0] if hub else None, self.dataset_path)
         return self
 
 
