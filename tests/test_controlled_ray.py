@@ -24,6 +24,7 @@ def _scaled_down_digits(tmp_path) -> str:
     for stage, epochs in ((pretrain, 300), (finetune, 300)):
         stage["config"].update(num_train_samples=400, num_test_samples=200, num_epochs=epochs, log_every=100,
                                checkpoint_every=0, model={"type": "mlp", "hidden_sizes": [64, 32]})
+        stage["scaling"] = {"num_workers": 0}  # inline trials: tiny stages, no worker-group start-up
     path = tmp_path / "mini_controlled.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path)

@@ -112,31 +112,33 @@ def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
     assert (results / "mini" / "sweep.yaml").read_text() == "sweep: mini\nstages: []\n"
 
 
-def test_optuna_search_over_a_nested_field(tmp_path):
+def test_optuna_search_finds_the_optimum_side_of_a_known_objective(tmp_path):
+    """OptunaSearch over a config field: the noop workload reports -(x-1)^2, and
+    every sampled x lies in the declared range and is what the trial ran with."""
     spec = tmp_path / "opt.yaml"
     spec.write_text("""
 sweep: opt
 stages:
-  - name: extract
-    workload: extract
-    config: {num_inputs: 4, num_samples_per_input: 2, batch_size: 4, shard_size: 4, generation: {max_new_tokens: 4}}
+  - name: search
+    workload: noop
     search:
       optuna:
-        metric: reward_std_mean
+        metric: objective
         mode: max
-        num_samples: 2
+        num_samples: 6
         seed: 3
         params:
-          generation.temperature: {loguniform: [0.5, 2.0]}
-    scaling: {num_workers: 1}
+          x: {uniform: [-4.0, 4.0]}
+    scaling: {num_workers: 0, cpus_per_worker: 1}
 """)
     results = str(tmp_path / "results")
-    proc = _rlgrad("run", str(spec), "--results", results, "--quiet", cwd=tmp_path)
+    proc = _rlgrad("run", str(spec), "--results", results, "--quiet", "--max-concurrent", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = read_table(results, "opt", "trials").to_pylist()
-    assert len(trials) == 2
-    temps = [json.loads(t["params"])["generation.temperature"] for t in trials]
-    assert all(0.5 <= t <= 2.0 for t in temps) and temps[0] != temps[1]
+    assert len(trials) == 6
+    xs = [json.loads(t["params"])["x"] for t in trials]
+    assert all(-4.0 <= x <= 4.0 for x in xs) and len(set(xs)) == 6
     for t in trials:
-        assert json.loads(t["config"])["generation"]["temperature"] == json.loads(t["params"])["generation.temperature"]
-        assert "reward_std_mean" in json.loads(t["metrics"])  # the metric Optuna optimised reached Tune
+        x = json.loads(t["config"])["x"]
+        assert x == json.loads(t["params"])["x"]
+        assert json.loads(t["metrics"])["objective"] == pytest.approx(-((x - 1.0) ** 2))  # reached Tune and Optuna
