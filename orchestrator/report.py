@@ -93,7 +93,8 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
                 "share std<0.05": (sub["reward_std"] < 0.05).mean(),
                 "grad norm (mean)": sub["grad_norm"].mean(),
             })
-        for key in ("loss", "eval_reward_mean", "train_accuracy", "test_accuracy"):
+        for key in ("loss", "eval_reward_mean", "train/accuracy", "test/accuracy", "modified/accuracy",
+                    "reward_mean", "kl"):
             if isinstance(metrics.get(key), (int, float)):
                 row[key] = metrics[key]
         if metrics.get("error"):
