@@ -27,6 +27,7 @@ from workloads.tables import resolve
 from .tables_io import read_table
 
 STD_THRESHOLDS = (0.01, 0.05, 0.1, 0.2)
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
 def load_sweep_frames(results: str, sweep: str) -> dict[str, pd.DataFrame]:
@@ -85,8 +86,10 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
                "status": t["status"]}
         sub = inputs[inputs["trial"] == t["trial"]] if len(inputs) else inputs
         if len(sub):
+            sub = sub[sub["step"] == sub["step"].max()]  # the model as the trial left it
             row.update({
                 "inputs": len(sub),
+                "at step": int(sub["step"].iloc[0]),
                 "reward mean": sub["reward_mean"].mean(),
                 "reward std (mean)": sub["reward_std"].mean(),
                 "reward std (median)": sub["reward_std"].median(),
@@ -172,13 +175,13 @@ def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
             sub = inputs[(inputs["trial"] == t) & inputs["grad_norm"].notna()]
             pos = sub[(sub["reward_std"] > 0) & (sub["grad_norm"] > 0)]
             zero = int((sub["reward_std"] == 0).sum())
-            group = f"g{i}"
+            group, colour = f"g{i}", PALETTE[i % len(PALETTE)]
             fig.add_trace(go.Scattergl(x=pos["reward_std"], y=pos["grad_norm"], mode="markers", name=labels.get(t, t),
-                                       legendgroup=group, marker={"size": 5, "opacity": 0.6}))
+                                       legendgroup=group, marker={"size": 5, "opacity": 0.6, "color": colour}))
             c = fit_envelope(sub["reward_std"].to_numpy(), sub["grad_norm"].to_numpy())
             if c is not None and len(pos):
                 xs = np.logspace(np.log10(pos["reward_std"].min()), np.log10(pos["reward_std"].max()), 50)
-                fig.add_trace(go.Scatter(x=xs, y=c * xs ** (2 / 3), mode="lines", line={"dash": "dash"},
+                fig.add_trace(go.Scatter(x=xs, y=c * xs ** (2 / 3), mode="lines", line={"dash": "dash", "color": colour},
                                          name=f"{c:.3g}·std^(2/3)", legendgroup=group, showlegend=True))
             notes.append(f"{labels.get(t, t)}: {zero} of {len(sub)} inputs have reward std 0 (gradient exactly 0, not drawn)")
         fig.update_layout(title="Per-input gradient norm vs reward std (log-log) with fitted c·std^(2/3) envelope",
