@@ -416,8 +416,11 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
     plan = StagePlan(spec.sweep, results, stage, parent_checkpoints, show_progress)
     outcomes: list[TrialOutcome] = []
     base = sweep_uri(results, spec.sweep)
-    if stage.scaling.num_workers == 0:
-        # inline: the trial runs the workload, so it holds the worker's resources
+    # Inline trials run the workload in the trial process, so it holds the worker's
+    # resources, and Tune may hand the process to the next trial (no new actor and
+    # no re-import per trial). A trial hosting a TorchTrainer holds nothing itself.
+    inline = stage.scaling.num_workers == 0
+    if inline:
         per = stage.scaling.resources_per_worker()
         resources = {"cpu": per["CPU"], "gpu": per.get("GPU", 0)} | ({"memory": per["memory"]} if "memory" in per else {})
     else:
@@ -452,7 +455,8 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
         if points:
             runs.append(({"point": tune.grid_search(points)},
                          tune.TuneConfig(max_concurrent_trials=_max_concurrent(stage, max_concurrent),
-                                         trial_name_creator=name_creator, trial_dirname_creator=name_creator)))
+                                         trial_name_creator=name_creator, trial_dirname_creator=name_creator,
+                                         reuse_actors=inline)))
     else:
         from ray.tune.search.optuna import OptunaSearch
 
@@ -465,7 +469,8 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
             searcher = OptunaSearch(metric=opt.metric, mode=opt.mode, seed=opt.seed)
             runs.append((space, tune.TuneConfig(search_alg=searcher, num_samples=opt.num_samples,
                                                 max_concurrent_trials=_max_concurrent(stage, max_concurrent),
-                                                trial_name_creator=name_creator, trial_dirname_creator=name_creator)))
+                                                trial_name_creator=name_creator, trial_dirname_creator=name_creator,
+                                                reuse_actors=inline)))
 
     for i, (space, tune_config) in enumerate(runs):
         name = stage.name if len(runs) == 1 else f"{stage.name}-{i}"

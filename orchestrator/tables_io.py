@@ -10,7 +10,6 @@ from __future__ import annotations
 import posixpath
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from workloads.tables import SCHEMAS, check_schema, resolve
@@ -22,7 +21,7 @@ def table_dir(results: str, sweep: str, name: str) -> tuple[pafs.FileSystem, str
 
 
 def shard_dataset(results: str, sweep: str, name: str, stage: str | None = None,
-                  trial: str | None = None) -> ds.Dataset | None:
+                  trial: str | None = None):
     """A lazy dataset over all shards of table `name` (of one stage / trial if given), or None."""
     if name not in SCHEMAS:
         raise ValueError(f"unknown table {name!r}; allowed: {sorted(SCHEMAS)}")
@@ -37,6 +36,8 @@ def shard_dataset(results: str, sweep: str, name: str, stage: str | None = None,
     )
     if not files:
         return None
+    import pyarrow.dataset as ds  # pulls in pandas: not on every trial's start-up path
+
     dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMAS[name])
     for fragment in dataset.get_fragments():
         check_schema(name, fragment.physical_schema, fragment.path)

@@ -7,6 +7,8 @@ Each workload is a plain function of its validated config and a
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from .configs import WORKLOADS
 
@@ -25,9 +27,11 @@ def run_workload(workload: str, config, ctx):
     if not isinstance(config, config_cls):
         config = validate_config(workload, config)
     if ctx.num_cpus is not None:
-        import torch
-
-        torch.set_num_threads(max(1, int(ctx.num_cpus)))
+        threads = max(1, int(ctx.num_cpus))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        else:  # torch reads it when first imported; a workload without torch never pays that import
+            os.environ["OMP_NUM_THREADS"] = str(threads)
     module_name, func_name = entry.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:
