@@ -96,8 +96,7 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
                 "share std<0.05": (sub["reward_std"] < 0.05).mean(),
                 "grad norm (mean)": sub["grad_norm"].mean(),
             })
-        for key in ("loss", "eval_reward_mean", "train/accuracy", "test/accuracy", "modified/accuracy",
-                    "reward_mean", "kl"):
+        for key in ("loss", "eval_reward_mean", "train/accuracy", "test/accuracy", "modified/accuracy", "kl"):
             if isinstance(metrics.get(key), (int, float)):
                 row[key] = metrics[key]
         if metrics.get("error"):
@@ -158,10 +157,11 @@ def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
     trials = list(dict.fromkeys(inputs["trial"]))
 
     fig = go.Figure()
-    for t in trials:
+    for i, t in enumerate(trials):
         sub = inputs[inputs["trial"] == t]
         fig.add_trace(go.Scattergl(x=sub["reward_std"], y=sub["reward_mean"], mode="markers", name=labels.get(t, t),
-                                   marker={"size": 5, "opacity": 0.6}, text=sub["prompt"],
+                                   marker={"size": 5, "opacity": 0.6, "color": PALETTE[i % len(PALETTE)]},
+                                   text=sub["prompt"],
                                    hovertemplate="std %{x:.3f}<br>mean %{y:.3f}<br>%{text}<extra></extra>"))
     fig.update_layout(title="Reward mean vs reward std, one point per input (paper Fig. 1 view)",
                       xaxis_title="reward std under the model (1/K)", yaxis_title="reward mean")
@@ -190,9 +190,10 @@ def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
         figs.append(("grad-norm-vs-std", fig, "<br>".join(html.escape(n) for n in notes)))
 
     fig = go.Figure()
-    for t in trials:
+    for i, t in enumerate(trials):
         sub = inputs[inputs["trial"] == t]
-        fig.add_trace(go.Histogram(x=sub["reward_std"], name=labels.get(t, t), opacity=0.6, nbinsx=40))
+        fig.add_trace(go.Histogram(x=sub["reward_std"], name=labels.get(t, t), opacity=0.6, nbinsx=40,
+                                   marker={"color": PALETTE[i % len(PALETTE)]}))
     fig.update_layout(barmode="overlay", title="Distribution of per-input reward std",
                       xaxis_title="reward std", yaxis_title="inputs")
     shares = pd.DataFrame([
