@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from orchestrator.tables_io import read_table
+from test_tables import decoded  # tests/ is on sys.path (pytest prepend import mode)
 
 pytestmark = pytest.mark.ray
 
@@ -54,5 +55,5 @@ def test_sft_then_ppo_by_reference_through_ray(tmp_path):
     assert {"share_reward_std_below_0.05", "kl", "policy_loss", "value_loss"} <= names
     assert len(set(pc.unique(metrics["step"]).to_pylist())) >= 20  # a row per rollout
 
-    page = open(os.path.join(results, "sft_ppo", "report.html"), encoding="utf-8").read()
+    page = decoded(open(os.path.join(results, "sft_ppo", "report.html"), encoding="utf-8").read())
     assert 'id="improvement-vs-initial-std"' in page and "step 0 → 20" in page

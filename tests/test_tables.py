@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -130,14 +131,14 @@ def test_report_holds_every_plot_and_its_data(tmp_path):
     ShardWriter(str(tmp_path), "s", "sft", "sft-x", "h").write(
         "metrics", "steps-1", [{"step": s, "metric": "loss", "value": 1.0 / s, "split": "train"} for s in (1, 2, 3)])
     aggregate_sweep(str(tmp_path), "s")
-    page = open(build_report(str(tmp_path), "s"), encoding="utf-8").read()
+    page = decoded(open(build_report(str(tmp_path), "s"), encoding="utf-8").read())
     for anchor in ("reward-mean-vs-std", "grad-norm-vs-std", "reward-std-distribution", "curve-loss"):
         assert f'id="{anchor}"' in page
     assert "sft(x=sft-x) → extract(x=extract-a)" in page  # trials are named by their lineage
     assert "8 of 30 inputs have reward std 0" in page
     stds = np.array([np.std(r) for r in rewards.values()])
     c = fit_envelope(stds, stds)  # grad_norm was set equal to the std above
-    assert f"{c:.3g}·std^(2\\u002f3)" in page  # the fitted envelope trace (plotly escapes "/")
+    assert f"{c:.3g}·std^(2/3)" in page  # the fitted envelope trace
     assert "<script" in page and "<script src=" not in page  # self-contained: plotly.js inlined, nothing fetched
 
 
@@ -158,3 +159,9 @@ def test_unsorted_rows_give_the_same_table_as_sorted_ones(tmp_path):
             assert hashed_result[name].equals(sorted_result[name]), name
     assert sorted_result["trial"].to_pylist()[:1] == ["extract-a"]  # ordered by trial id, then input
     assert per_input_table(shuffled, None)["prompt"].to_pylist() == sorted_result["prompt"].to_pylist()
+
+
+def decoded(page: str) -> str:
+    """The page's text with JSON \\uXXXX escapes decoded: plotly writes its figure JSON with
+    orjson when installed (literal characters) and with the json module otherwise (escapes)."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), page)
