@@ -391,10 +391,8 @@ def _make_progress_callback(stage: StageSpec):
             _progress(f"stage {stage.name}: started {_trial_name(stage, trial.config)}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            result = trial.last_result or {}
-            keys = [k for k in result if not k.startswith(("rlgrad_", "time_", "timestamp", "training_iteration", "date",
-                                                              "pid", "hostname", "node_ip", "done", "trial_id", "iterations"))]
-            shown = ", ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result[k], float))[:300]
+            result = _workload_metrics(trial.last_result or {})
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))[:300]
             _progress(f"stage {stage.name}: finished {_trial_name(stage, trial.config)} ({shown})")
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -499,11 +497,15 @@ _TUNE_KEYS = {"date", "done", "experiment_tag", "hostname", "iterations_since_re
               "checkpoint_dir_name", "should_checkpoint"}
 
 
+def _workload_metrics(result: dict) -> dict:
+    """A Tune result without Tune's bookkeeping and rlgrad's own keys: what the workload reported."""
+    return {k: v for k, v in result.items() if not k.startswith(("rlgrad_", "config/")) and k not in _TUNE_KEYS}
+
+
 def _record_trial(results: str, sweep: str, outcome: TrialOutcome) -> None:
     trial = outcome.trial
     writer = ShardWriter(results, sweep, trial.stage, trial.trial_id, trial.config_hash)
-    metrics = {k: v for k, v in outcome.metrics.items()
-               if not k.startswith(("rlgrad_", "config/")) and k not in _TUNE_KEYS}
+    metrics = _workload_metrics(outcome.metrics)
     if outcome.error:
         metrics["error"] = outcome.error
     writer.write("trials", "trial", [{

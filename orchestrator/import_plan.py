@@ -210,7 +210,7 @@ def plan_to_spec(plan: dict, sweep_name: str, pretrain_plan: dict | None = None)
         stages.append(stage)
 
     description = " ".join(s for s in (plan.get("name", ""), plan.get("description", "")) if s).strip()
-    return {"sweep": sweep_name, "description": description or f"imported from an ml-rlgrad plan", "stages": stages}
+    return {"sweep": sweep_name, "description": description or "imported from an ml-rlgrad plan", "stages": stages}
 
 
 def import_plan_file(path: str, sweep_name: str | None = None, pretrain_plan_path: str | None = None) -> dict:

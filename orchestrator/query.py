@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from workloads.tables import SCHEMAS, resolve
 
-from .tables_io import shard_dataset
+from .tables_io import table_dataset
 
 
 def list_sweeps(results: str) -> list[str]:
@@ -34,15 +34,6 @@ def list_sweeps(results: str) -> list[str]:
     return sorted(sweeps)
 
 
-def _table_dataset(results: str, sweep: str, name: str):
-    if name == "inputs":
-        fs, base = resolve(results)
-        agg = posixpath.join(base, sweep, "inputs.parquet")
-        if fs.get_file_info(agg).type == pafs.FileType.File:
-            return ds.dataset(agg, filesystem=fs, format="parquet", schema=SCHEMAS["inputs"])
-    return shard_dataset(results, sweep, name)
-
-
 def connect(results: str, sweeps: list[str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the four views registered."""
     chosen = sweeps or list_sweeps(results)
@@ -52,7 +43,7 @@ def connect(results: str, sweeps: list[str] | None = None) -> duckdb.DuckDBPyCon
             raise ValueError(f"no sweep named {sweep!r} under {results}; sweeps there: {', '.join(sorted(known)) or 'none'}")
     con = duckdb.connect()
     for name in ("samples", "inputs", "metrics", "trials"):
-        parts = [d for d in (_table_dataset(results, s, name) for s in chosen) if d is not None]
+        parts = [d for d in (table_dataset(results, s, name) for s in chosen) if d is not None]
         dataset = ds.dataset(parts) if parts else SCHEMAS[name].empty_table()
         con.register(name, dataset)
     return con

@@ -20,11 +20,10 @@ import posixpath
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import pyarrow.parquet as pq
 
 from workloads.tables import resolve
 
-from .tables_io import read_table
+from .tables_io import table_dataset
 
 STD_THRESHOLDS = (0.01, 0.05, 0.1, 0.2)
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
@@ -32,19 +31,10 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 def load_sweep_frames(results: str, sweep: str) -> dict[str, pd.DataFrame]:
     """The sweep's tables as DataFrames (empty frames where a table has no rows)."""
-    fs, base = resolve(results)
     frames: dict[str, pd.DataFrame] = {}
-    agg = posixpath.join(base, sweep, "inputs.parquet")
-    from pyarrow.fs import FileType
-
-    if fs.get_file_info(agg).type == FileType.File:
-        frames["inputs"] = pq.read_table(agg, filesystem=fs).to_pandas()
-    else:
-        table = read_table(results, sweep, "inputs")
-        frames["inputs"] = table.to_pandas() if table is not None else pd.DataFrame()
-    for name in ("trials", "metrics"):
-        table = read_table(results, sweep, name)
-        frames[name] = table.to_pandas() if table is not None else pd.DataFrame()
+    for name in ("inputs", "trials", "metrics"):
+        dataset = table_dataset(results, sweep, name)
+        frames[name] = dataset.to_table().to_pandas() if dataset is not None else pd.DataFrame()
     return frames
 
 

@@ -134,21 +134,29 @@ def _loc(parts) -> str:
     return out
 
 
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds: itself, Optional[M], or a
+    (discriminated) union of models such as ControlledConfig.model."""
+    members = [annotation, *getattr(annotation, "__args__", ())]
+    members += [m for a in members for m in getattr(a, "__args__", ())]  # Annotated[Union[...], ...]
+    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
 def _allowed_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names allowed at `loc` (the parent of an unknown key) within model_cls."""
-    cls: Any = model_cls
+    """Field names allowed at `loc` (the parent of an unknown key) within model_cls.
+    In a discriminated union pydantic puts the tag in `loc` (model -> 'mlp' -> key)."""
+    candidates: list[Any] = [model_cls]
     for part in loc:
         if isinstance(part, int):
             continue
-        field = getattr(cls, "model_fields", {}).get(part)
-        if field is None:
+        field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
+        if field is not None:
+            candidates = _models_in(field.annotation)
+        else:  # a union member's tag
+            candidates = [c for c in candidates if getattr(c.model_fields.get("type"), "default", None) == part]
+        if not candidates:
             return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if cls is None:
-            return []
-    return list(getattr(cls, "model_fields", {}))
+    return list(dict.fromkeys(name for c in candidates for name in c.model_fields))
 
 
 def _format_error(err: pydantic.ValidationError, model_cls: type[BaseModel], prefix: str) -> str:
@@ -179,13 +187,10 @@ def get_dotted(model_cls: type[BaseModel], dotted: str):
     candidates: list[Any] = [model_cls]
     field = None
     for part in dotted.split("."):
-        field = next((c.model_fields[part] for c in candidates if part in getattr(c, "model_fields", {})), None)
+        field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
         if field is None:
             return None
-        annotation = field.annotation
-        members = [annotation, *getattr(annotation, "__args__", ())]
-        members += [m for a in members for m in getattr(a, "__args__", ())]  # Annotated[Union[...], ...]
-        candidates = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        candidates = _models_in(field.annotation)
     return field
 
 

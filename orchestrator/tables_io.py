@@ -48,3 +48,20 @@ def read_table(results: str, sweep: str, name: str, stage: str | None = None,
                trial: str | None = None) -> pa.Table | None:
     dataset = shard_dataset(results, sweep, name, stage, trial)
     return None if dataset is None else dataset.to_table()
+
+
+def table_dataset(results: str, sweep: str, name: str):
+    """What readers (queries, reports) use for table `name`: for `inputs`, the
+    aggregated inputs.parquet when the sweep has one (reward statistics recomputed
+    from the samples), else the workers' shards; other tables: their shards."""
+    if name == "inputs":
+        fs, base = resolve(results)
+        aggregated = posixpath.join(base, sweep, "inputs.parquet")
+        if fs.get_file_info(aggregated).type == pafs.FileType.File:
+            import pyarrow.dataset as ds
+
+            dataset = ds.dataset(aggregated, filesystem=fs, format="parquet", schema=SCHEMAS["inputs"])
+            for fragment in dataset.get_fragments():
+                check_schema(name, fragment.physical_schema, fragment.path)
+            return dataset
+    return shard_dataset(results, sweep, name)
