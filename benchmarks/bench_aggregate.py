@@ -31,7 +31,7 @@ K = 8
 
 def make_tables(num_rows: int, directory: str) -> tuple[str, str]:
     """A samples table of num_rows rows (4 trials, K samples per input) and the workers' inputs table."""
-    from workloads.tables import INPUTS, SAMPLES
+    from workloads.core.tables import INPUTS, SAMPLES
 
     rng = np.random.default_rng(0)
     num_inputs = num_rows // K

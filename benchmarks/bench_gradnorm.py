@@ -6,8 +6,8 @@ the floor (one ordinary batched backward over the same sequences).
 
 Times, in ONE process and interleaved (repeat r runs loop, batched, floor in
 turn, so a noisy neighbour slows all three alike):
-  loop     workloads.gradnorm.per_input_grad_norms_loop  one backward per input
-  batched  workloads.gradnorm.per_input_grad_norms       one forward + one backward per chunk
+  loop     workloads.text.gradnorm.per_input_grad_norms_loop  one backward per input
+  batched  workloads.text.gradnorm.per_input_grad_norms       one forward + one backward per chunk
   floor    one forward and one ordinary backward (parameter .grad) of the summed
            surrogate over all sequences: what any exact method must at least pay
 Each time includes the forward. Prints median and min-max over --repeats runs
@@ -37,13 +37,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from workloads.gradnorm import (  # noqa: E402
+from workloads.text.gradnorm import (  # noqa: E402
     DEFAULT_MAX_SEQUENCES,
     leave_one_out_advantages,
     per_input_grad_norms,
     per_input_grad_norms_loop,
 )
-from workloads.models import token_log_probs  # noqa: E402
+from workloads.text.models import token_log_probs  # noqa: E402
 
 MODEL_SIZES = {  # GPT-2 built from config, random init (no hub)
     "tiny": dict(n_layer=2, n_embd=128, n_head=4),
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-sequences", type=int, default=None,
                         help="batched path: sequences per forward/backward (default: the production default, "
-                             "workloads.gradnorm.DEFAULT_MAX_SEQUENCES of the device)")
+                             "workloads.text.gradnorm.DEFAULT_MAX_SEQUENCES of the device)")
     parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # the per-method subprocess
     return parser.parse_args(argv)
 

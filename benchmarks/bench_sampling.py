@@ -40,10 +40,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from workloads.extract import sample_outputs, score_outputs  # noqa: E402
-from workloads.models import encode_prompts, generate_outputs, load_model_and_tokenizer  # noqa: E402
-from workloads.rewards import get_reward  # noqa: E402
-from workloads.tasks import choose_inputs, get_examples, prompt_text, references, resolve_reward  # noqa: E402
+from workloads.text.extract import sample_outputs, score_outputs  # noqa: E402
+from workloads.text.models import encode_prompts, generate_outputs, load_model_and_tokenizer  # noqa: E402
+from workloads.text.rewards import get_reward  # noqa: E402
+from workloads.text.tasks import choose_inputs, get_examples, prompt_text, references, resolve_reward  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # SXM datasheet figures
 

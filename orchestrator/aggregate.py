@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.tables import INPUTS, SCHEMA_VERSION, resolve, write_parquet_atomic
+from workloads.core.tables import INPUTS, SCHEMA_VERSION
+from workloads.core.storage import resolve, write_parquet_atomic
 
 from .tables_io import read_table
 

@@ -175,7 +175,7 @@ def _cmd_import(args) -> int:
     except OSError as e:
         raise SpecError(f"{args.source}: cannot read it: {e.strerror}") from None
     text = f"# imported by `rlgrad import` from {args.source}\n" + yaml.safe_dump(spec, sort_keys=False)
-    from workloads.availability import hub_assumed_reachable
+    from workloads.core.availability import hub_assumed_reachable
 
     with hub_assumed_reachable():  # data and models are checked where the sweep runs (`rlgrad run`)
         parse_spec(text, source=args.output or "<imported>")  # refuse to write what `rlgrad run` would refuse

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from workloads.configs import WORKLOADS
-from workloads.tables import ShardWriter, resolve
+from workloads import WORKLOADS
+from workloads.core.storage import ShardWriter, resolve
 
 from .spec import ResolvedTrial, SpecError, StageSpec, SweepSpec, grid_points, resolve_trial, resolved_spec_yaml
 from .tables_io import read_table
@@ -163,7 +163,7 @@ def _dashboard_gauges(identity: dict):
 def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, report, resume_dir) -> None:
     """Build the workload's context around Ray's report/checkpoint calls and run it."""
     from workloads import run_workload, validate_config
-    from workloads.context import WorkloadContext
+    from workloads.core.context import WorkloadContext
 
     config = validate_config(loop_config["workload"], loop_config["config"])
     if loop_config["parent_checkpoint"]:
@@ -281,7 +281,7 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
     loop_config = {
         "workload": trial.workload,
         "config": trial.config.model_dump(mode="json"),
-        "checkpoint_field": WORKLOADS[trial.workload][0].checkpoint_field,
+        "checkpoint_field": WORKLOADS[trial.workload].config.checkpoint_field,
         "parent_checkpoint": plan.parent_checkpoints.get(trial.parent_trial) if trial.parent_trial else None,
         "identity": {"sweep": plan.sweep, "stage": trial.stage, "trial": trial.trial_id, "config_hash": trial.config_hash},
         "results": plan.results,

@@ -49,7 +49,7 @@ FIELD_MAP = {
     "logits_temperature": "temperature",
     "batch_size": "batch_size",
     "epochs": "num_epochs",
-    "validate_every": "log_every",
+    "validate_every": "log_every_epochs",
 }
 
 # Fields of the original trainer's bookkeeping with no rlgrad counterpart:
@@ -135,7 +135,7 @@ def _configuration_to_stage(configuration: dict, name: str, where: str) -> tuple
         _set_dotted(config, FIELD_MAP[field], _map_value(field, value, where))
     # the original saves a checkpoint every `save_every_num_val` validations
     if "save_every_num_val" in merged:
-        config["checkpoint_every"] = int(merged["save_every_num_val"]) * int(merged.get("validate_every", 1))
+        config["checkpoint_every_epochs"] = int(merged["save_every_num_val"]) * int(merged.get("validate_every", 1))
 
     search_grid = {}
     for field, values in grid.items():
@@ -160,7 +160,7 @@ def _pretrain_stage_for(finetune: dict) -> dict:
     config = {k: copy.deepcopy(v) for k, v in finetune["config"].items() if k in keep}
     config.update(use_label_sets=True, frac_samples_to_modify_labels=0.0, opt_method="supervised",
                   reward_type="labels", optimizer="adam", learning_rate=1e-4, weight_decay=0.0,
-                  num_epochs=1000, log_every=10, checkpoint_every=100)
+                  num_epochs=1000, log_every_epochs=10, checkpoint_every_epochs=100)
     return {"name": "pretrain", "workload": "controlled", "config": config, "scaling": copy.deepcopy(finetune["scaling"])}
 
 

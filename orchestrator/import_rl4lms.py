@@ -20,7 +20,7 @@ Two settings are translated rather than copied, because the two PPO
 implementations count differently:
   * RL4LMs collects `n_steps` token steps in each of `n_envs` environments per
     iteration; rlgrad collects whole completions, K = 4 per prompt so that each
-    prompt's reward std is observed. prompts_per_rollout is chosen so that a
+    prompt's reward std is observed. inputs_per_rollout is chosen so that a
     rollout holds about n_steps * n_envs / max_episode_length completions (at
     least one minibatch);
   * `train_evaluation.n_iters` (iterations of rollout + update) is num_rollouts.
@@ -71,13 +71,13 @@ GENERATION_KWARGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "t
 
 SFT_TRAINING_ARGS = {"per_device_train_batch_size": "batch_size", "num_train_epochs": "num_epochs",
                      "max_steps": "max_steps", "weight_decay": "weight_decay", "learning_rate": "learning_rate",
-                     "logging_steps": "log_every"}
+                     "logging_steps": "log_every_steps"}
 
 PPO_ARGS = {"learning_rate": "learning_rate", "n_epochs": "ppo_epochs", "batch_size": "minibatch_size",
             "ent_coef": "ent_coef", "gamma": "gamma", "gae_lambda": "gae_lambda", "clip_range": "clip_range",
             "vf_coef": "vf_coef", "max_grad_norm": "max_grad_norm"}
 
-PPO_SAMPLES_PER_PROMPT = 4
+PPO_SAMPLES_PER_INPUT = 4
 ALL_TRAIN_INPUTS = 10_000_000  # SFT: above any GRUE split size, so every train input is used
 PLACEHOLDER_MODELS = {"_", "", None}  # "REPLACE WITH SUPERVISED FINETUNED MODEL"
 
@@ -205,14 +205,14 @@ def _ppo_config(reader: "_Reader", task: str) -> dict:
     token_steps = reader.take("alg.args.n_steps", 128) * reader.take("env.n_envs", 1)
     completions = max(values.get("minibatch_size", 64),
                       token_steps / (episode_length or generation["max_new_tokens"]))
-    values["samples_per_prompt"] = PPO_SAMPLES_PER_PROMPT
-    values["prompts_per_rollout"] = math.ceil(completions / PPO_SAMPLES_PER_PROMPT)
+    values["num_samples_per_input"] = PPO_SAMPLES_PER_INPUT
+    values["inputs_per_rollout"] = math.ceil(completions / PPO_SAMPLES_PER_INPUT)
     if reader.has("train_evaluation.n_iters"):
         values["num_rollouts"] = reader.take("train_evaluation.n_iters")
     if reader.has("train_evaluation.eval_every"):
-        values["eval_every"] = reader.take("train_evaluation.eval_every")
+        values["eval_every_rollouts"] = reader.take("train_evaluation.eval_every")
     if reader.has("train_evaluation.save_every"):
-        values["checkpoint_every"] = reader.take("train_evaluation.save_every")
+        values["checkpoint_every_rollouts"] = reader.take("train_evaluation.save_every")
     _subsample(reader, values, allow_fraction=False)
     return values
 

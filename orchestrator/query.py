@@ -15,7 +15,8 @@ import duckdb
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from workloads.tables import SCHEMAS, resolve
+from workloads.core.tables import SCHEMAS
+from workloads.core.storage import resolve
 
 from .tables_io import table_dataset
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from workloads.tables import resolve
+from workloads.core.storage import resolve
 
 from .tables_io import table_dataset
 

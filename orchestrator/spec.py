@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads import validate_config
-from workloads.configs import WORKLOADS
+from workloads import WORKLOADS
 
 
 class SpecError(ValueError):
@@ -242,7 +242,7 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
             close = difflib.get_close_matches(stage.workload, list(WORKLOADS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             _fail(source, f"{where}.workload = {stage.workload!r}: unknown workload{hint}; allowed: {', '.join(sorted(WORKLOADS))}")
-        config_cls = WORKLOADS[stage.workload][0]
+        config_cls = WORKLOADS[stage.workload].config
         if stage.from_stage is not None:
             if stage.from_stage not in seen:
                 earlier = ", ".join(seen) or "none"
@@ -334,7 +334,7 @@ def resolve_trial(stage: StageSpec, params: dict, parent_trial: str | None) -> R
     when results move between a laptop and a bucket.
     """
     values = _apply(stage.config, params)
-    config_cls = WORKLOADS[stage.workload][0]
+    config_cls = WORKLOADS[stage.workload].config
     if parent_trial is not None:
         values = set_dotted(values, config_cls.checkpoint_field, f"@{stage.from_stage}/{parent_trial}")
     config = validate_config(stage.workload, values)
@@ -357,6 +357,6 @@ def resolved_spec_yaml(spec: SweepSpec) -> str:
     for stage_data, stage in zip(data["stages"], spec.stages):
         config = validate_config(stage.workload, stage.config).model_dump(mode="json")
         if stage.from_stage is not None:
-            config[WORKLOADS[stage.workload][0].checkpoint_field] = f"@{stage.from_stage}"
+            config[WORKLOADS[stage.workload].config.checkpoint_field] = f"@{stage.from_stage}"
         stage_data["config"] = config
     return yaml.safe_dump(data, sort_keys=False)

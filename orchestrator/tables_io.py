@@ -12,7 +12,8 @@ import posixpath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from workloads.tables import SCHEMAS, check_schema, resolve
+from workloads.core.tables import SCHEMAS, check_schema
+from workloads.core.storage import resolve
 
 
 def table_dir(results: str, sweep: str, name: str) -> tuple[pafs.FileSystem, str]:

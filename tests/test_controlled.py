@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from workloads import run_workload, validate_config
-from workloads import controlled as C
-from workloads.context import local_context
+from workloads.controlled import data as CD, finetune as C, models as CM
+from workloads.core.availability import DatasetNotAvailableError
+from workloads.core.context import local_context
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def read_metrics(results: str) -> pd.DataFrame:
 
 def tiny_policy_setup(reward_type="labels"):
     torch.manual_seed(0)
-    model = C.MLP(4, [5], 3).double()
+    model = CM.MLP(4, [5], 3).double()
     x = torch.randn(6, 4, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     modified = torch.tensor([True, False, False, True, False, False])
@@ -44,13 +45,13 @@ def tiny_policy_setup(reward_type="labels"):
 
 
 def expected_reward_of(model, x, rewards) -> torch.Tensor:
-    return C.expected_reward(C.log_policy(model, x, 1.0), rewards).mean()
+    return C.expected_reward(CM.log_policy(model, x, 1.0), rewards).mean()
 
 
 @pytest.mark.parametrize("reward_type", ["labels", "labels_with_custom"])
 def test_expected_reinforce_gradient_equals_finite_differences(reward_type):
     model, x, labels, rewards = tiny_policy_setup(reward_type)
-    loss = C.per_input_loss("expected_reinforce", C.log_policy(model, x, 1.0), labels, None, rewards).mean()
+    loss = C.per_input_loss("expected_reinforce", CM.log_policy(model, x, 1.0), labels, None, rewards).mean()
     model.zero_grad()
     loss.backward()
     analytic = -C.flat_grad(model)  # the loss is minus the expected reward
@@ -75,7 +76,7 @@ def test_expected_reinforce_gradient_equals_finite_differences(reward_type):
 
 def test_expected_reinforce_gradient_is_the_mean_of_sampled_reinforce_gradients():
     model, x, labels, rewards = tiny_policy_setup()
-    loss = C.per_input_loss("expected_reinforce", C.log_policy(model, x, 1.0), labels, None, rewards).mean()
+    loss = C.per_input_loss("expected_reinforce", CM.log_policy(model, x, 1.0), labels, None, rewards).mean()
     model.zero_grad()
     loss.backward()
     exact = C.flat_grad(model).clone()
@@ -87,7 +88,7 @@ def test_expected_reinforce_gradient_is_the_mean_of_sampled_reinforce_gradients(
     estimates = []
     for _ in range(num_estimates):
         model.zero_grad()
-        log_probs = C.log_policy(model, x_rep, 1.0)
+        log_probs = CM.log_policy(model, x_rep, 1.0)
         C.per_input_loss("reinforce", log_probs, labels_rep, None, rewards_rep, generator).mean().backward()
         estimates.append(C.flat_grad(model).clone())
     estimates = torch.stack(estimates)
@@ -119,12 +120,12 @@ def test_labels_with_custom_reward_semantics():
 def test_modified_labels_never_come_from_the_label_set():
     for seed in range(20):
         generator = torch.Generator().manual_seed(seed)
-        sets_per_class = C.draw_label_sets(10, 5, generator)
+        sets_per_class = CD.draw_label_sets(10, 5, generator)
         assert (sets_per_class[:, 0] == torch.arange(10)).all()
         assert all(len(set(row.tolist())) == 5 for row in sets_per_class)
         labels = torch.randint(0, 10, (300,), generator=generator)
         sets = sets_per_class[labels]
-        new_labels, modified = C.modify_labels(labels, sets, 0.1, 10, generator)
+        new_labels, modified = CD.modify_labels(labels, sets, 0.1, 10, generator)
         assert modified.sum() == 30
         assert not (sets[modified] == new_labels[modified].unsqueeze(1)).any()
         assert (new_labels[~modified] == labels[~modified]).all()
@@ -132,10 +133,10 @@ def test_modified_labels_never_come_from_the_label_set():
 
 def test_same_seeds_give_the_same_inputs_sets_and_labels():
     common = dict(num_train_samples=300, num_test_samples=100)
-    pretrain = C.load_controlled_data(validate_config("controlled", dict(common, use_label_sets=True, frac_samples_to_modify_labels=0.0)))
-    finetune = C.load_controlled_data(validate_config("controlled", common))
-    again = C.load_controlled_data(validate_config("controlled", common))
-    other_seed = C.load_controlled_data(validate_config("controlled", dict(common, samples_rnd_seed=7)))
+    pretrain = CD.load_controlled_data(validate_config("controlled", dict(common, use_label_sets=True, frac_samples_to_modify_labels=0.0)))
+    finetune = CD.load_controlled_data(validate_config("controlled", common))
+    again = CD.load_controlled_data(validate_config("controlled", common))
+    other_seed = CD.load_controlled_data(validate_config("controlled", dict(common, samples_rnd_seed=7)))
 
     assert torch.equal(pretrain.train_inputs, finetune.train_inputs)
     assert torch.equal(pretrain.train_label_sets, finetune.train_label_sets)
@@ -214,7 +215,7 @@ def write_stsb_copy(root: str) -> tuple[str, str]:
 
 
 def run_one_epoch(tmp_path, values: dict) -> pd.DataFrame:
-    config = validate_config("controlled", dict(values, num_epochs=1, batch_size=8, checkpoint_every=0))
+    config = validate_config("controlled", dict(values, num_epochs=1, batch_size=8, checkpoint_every_epochs=0))
     ctx = local_context(str(tmp_path / "results"), show_progress=False)
     run_workload("controlled", config, ctx)
     assert os.path.exists(os.path.join(ctx.checkpoint_path, C.MODEL_FILE))
@@ -224,7 +225,7 @@ def run_one_epoch(tmp_path, values: dict) -> pd.DataFrame:
 def test_mnist_local_copy_with_mlp(tmp_path):
     path = write_mnist_copy(str(tmp_path))
     config = validate_config("controlled", dict(dataset="mnist", dataset_path=path, num_train_samples=-1, num_test_samples=-1))
-    data = C.load_controlled_data(config)
+    data = CD.load_controlled_data(config)
     assert data.train_inputs.shape == (30, 1, 28, 28) and data.test_inputs.shape == (10, 1, 28, 28)
     assert data.num_classes == 10 and data.train_modified.sum() == 3
     # normalised with MNIST's mean/std: uniform noise in [0, 1] -> mean about (0.5 - 0.1307) / 0.3081
@@ -236,9 +237,9 @@ def test_mnist_local_copy_with_mlp(tmp_path):
 def test_cifar10_local_copy_with_resnet18(tmp_path):
     path = write_cifar_copy(str(tmp_path))
     config = validate_config("controlled", dict(dataset="cifar10", dataset_path=path, model={"type": "resnet18"}))
-    data = C.load_controlled_data(config)
+    data = CD.load_controlled_data(config)
     assert data.train_inputs.shape == (20, 3, 32, 32) and data.train_modified.sum() == 2
-    model = C.build_model(config, data)
+    model = CM.build_model(config, data)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.17e6, rel=0.01)  # ResNet18, 10 classes
     assert model(data.train_inputs[:2]).shape == (2, 10)
     metrics = run_one_epoch(tmp_path, dict(dataset="cifar10", dataset_path=path, model={"type": "resnet18"}))
@@ -249,7 +250,7 @@ def test_stsb_local_copy_with_bert_mini(tmp_path):
     path, tokenizer_dir = write_stsb_copy(str(tmp_path))
     values = dict(dataset="stsb", dataset_path=path, num_labels_per_sample=3,
                   model={"type": "bert-mini", "tokenizer": tokenizer_dir})
-    data = C.load_controlled_data(validate_config("controlled", values))
+    data = CD.load_controlled_data(validate_config("controlled", values))
     assert data.num_classes == 6
     assert data.train_inputs["input_ids"].shape[0] == 24 and data.test_labels.shape == (12,)
     # scores 0..5 rounded to classes: linspace(0, 5, 12) rounds to these
@@ -266,22 +267,22 @@ def test_missing_local_copy_names_the_dataset(tmp_path):
     gone.mkdir()
     config = validate_config("controlled", dict(dataset="cifar10", dataset_path=str(gone), model={"type": "resnet18"}))
     gone.rmdir()
-    with pytest.raises(C.DatasetUnavailableError, match=r"'cifar10'.*dataset_path"):
-        C.load_controlled_data(config)
+    with pytest.raises(DatasetNotAvailableError, match=r"'cifar10'.*dataset_path"):
+        CD.load_controlled_data(config)
 
 
 def test_unreachable_hub_names_the_dataset(monkeypatch):
     import datasets.config
 
-    from workloads.availability import hub_assumed_reachable
+    from workloads.core.availability import hub_assumed_reachable
 
     with pytest.raises(ValueError, match=r"'mnist' \(ylecun/mnist\) is not available offline.*dataset_path"):
         validate_config("controlled", dict(dataset="mnist"))  # refused before any worker starts
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with hub_assumed_reachable():  # validated where the hub was up; the run finds it down
         config = validate_config("controlled", dict(dataset="mnist"))
-    with pytest.raises(C.DatasetUnavailableError, match=r"'mnist'.*ylecun/mnist.*dataset_path"):
-        C.load_controlled_data(config)
+    with pytest.raises(DatasetNotAvailableError, match=r"'mnist'.*ylecun/mnist.*dataset_path"):
+        CD.load_controlled_data(config)
 
 
 def test_config_rules():
@@ -300,7 +301,7 @@ def test_config_rules():
 
 def test_resume_continues_exactly(tmp_path):
     values = dict(num_train_samples=200, num_test_samples=50, batch_size=64, learning_rate=1e-3, num_epochs=4,
-                  checkpoint_every=2, model={"type": "mlp", "hidden_sizes": [32]}, opt_method="reinforce")
+                  checkpoint_every_epochs=2, model={"type": "mlp", "hidden_sizes": [32]}, opt_method="reinforce")
     straight = local_context(str(tmp_path / "a"), show_progress=False)
     run_workload("controlled", validate_config("controlled", values), straight)
 
@@ -331,17 +332,17 @@ GROUP_METRICS = {"accuracy", "reward", "reward_std", "grad_norm", "normalized_gr
 
 def test_digits_sft_fits_modified_labels_and_rft_does_not(tmp_path):
     results = str(tmp_path / "results")
-    common = dict(num_train_samples=400, num_test_samples=200, learning_rate=1e-3, checkpoint_every=0,
+    common = dict(num_train_samples=400, num_test_samples=200, learning_rate=1e-3, checkpoint_every_epochs=0,
                   model={"type": "mlp", "hidden_sizes": [64, 32]})
     pretrain_ctx = local_context(results, stage="pretrain", trial="p", show_progress=False)
     run_workload("controlled", validate_config("controlled", dict(
-        common, use_label_sets=True, frac_samples_to_modify_labels=0.0, num_epochs=600, log_every=200)), pretrain_ctx)
+        common, use_label_sets=True, frac_samples_to_modify_labels=0.0, num_epochs=600, log_every_epochs=200)), pretrain_ctx)
 
     final = {}
     for method in ("supervised", "expected_reinforce"):
         ctx = local_context(results, stage="finetune", trial=method, show_progress=False)
         run_workload("controlled", validate_config("controlled", dict(
-            common, opt_method=method, num_epochs=500, log_every=100,
+            common, opt_method=method, num_epochs=500, log_every_epochs=100,
             init_checkpoint=pretrain_ctx.checkpoint_path)), ctx)
         final[method] = ctx.reported
 

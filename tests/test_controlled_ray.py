@@ -22,8 +22,8 @@ def _scaled_down_digits(tmp_path) -> str:
     spec["sweep"] = "mini_controlled"
     pretrain, finetune = spec["stages"]
     for stage, epochs in ((pretrain, 300), (finetune, 300)):
-        stage["config"].update(num_train_samples=400, num_test_samples=200, num_epochs=epochs, log_every=100,
-                               checkpoint_every=0, model={"type": "mlp", "hidden_sizes": [64, 32]})
+        stage["config"].update(num_train_samples=400, num_test_samples=200, num_epochs=epochs, log_every_epochs=100,
+                               checkpoint_every_epochs=0, model={"type": "mlp", "hidden_sizes": [64, 32]})
         stage["scaling"] = {"num_workers": 0}  # inline trials: tiny stages, no worker-group start-up
     path = tmp_path / "mini_controlled.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.query import run_query
 from orchestrator.tables_io import read_table
-from workloads.tables import INPUTS, SAMPLES
+from workloads.core.tables import INPUTS, SAMPLES
 
 pytestmark = pytest.mark.ray
 
@@ -25,7 +25,7 @@ def _scaled_down_quickstart(tmp_path) -> str:
         spec = yaml.safe_load(f)
     spec["sweep"] = "mini"
     sft, extract = spec["stages"]
-    sft["config"].update(num_train_inputs=64, batch_size=8, log_every=5)
+    sft["config"].update(num_train_inputs=64, batch_size=8, log_every_steps=5)
     sft["search"]["grid"]["max_steps"] = [0, 10]
     extract["config"].update(num_inputs=NUM_INPUTS, num_samples_per_input=K, batch_size=4, shard_size=4)
     extract["config"]["generation"]["max_new_tokens"] = 8

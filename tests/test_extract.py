@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
 
-from workloads import tables
-from workloads.configs import ExtractConfig
-from workloads.context import local_context
-from workloads.extract import run_extract
+from workloads.core import tables
+from workloads.text.extract_config import ExtractConfig
+from workloads.core.context import local_context
+from workloads.text.extract import run_extract
 
 NUM_INPUTS, K, SHARD_SIZE, BATCH_SIZE = 10, 4, 4, 3
 SHARDS = ["inputs-000000-000003", "inputs-000004-000007", "inputs-000008-000009"]

@@ -1,6 +1,6 @@
 """The per-input gradient norm against a slow reference written independently:
 one backward per SAMPLE, float64, log-probs of unpadded single sequences
-computed by plain code (no shared helper from workloads.models); and the
+computed by plain code (no shared helper from workloads.text.models); and the
 batched production path (per_input_grad_norms) against its slow twin, the
 per-input loop (per_input_grad_norms_loop), in every form it can take."""
 
@@ -14,15 +14,15 @@ import torch
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from workloads import gradnorm
-from workloads.gradnorm import (
+from workloads.text import gradnorm
+from workloads.text.gradnorm import (
     batched_grad_norms_unsupported,
     leave_one_out_advantages,
     per_input_grad_norms,
     per_input_grad_norms_loop,
     reward_stats,
 )
-from workloads.models import load_model_and_tokenizer, sequence_log_probs
+from workloads.text.models import load_model_and_tokenizer, sequence_log_probs
 
 
 def reference_log_prob(model, prompt: list[int], output: list[int]) -> torch.Tensor:

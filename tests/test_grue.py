@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workloads import grue, tasks
+from workloads.core import availability
+from workloads.text import grue, tasks
 
 
 def write_jsonl(path, rows):
@@ -191,22 +192,22 @@ def test_unreachable_hub_fails_fast_and_says_how_to_use_a_local_copy(monkeypatch
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    grue.hub_is_reachable.cache_clear()
+    availability.hub_is_reachable.cache_clear()
     started = time.perf_counter()
     with pytest.raises(grue.DatasetNotAvailableError) as error:
         tasks.split_size("cnn_daily_mail", "train")
     assert time.perf_counter() - started < 10
     message = str(error.value)
     assert "abisee/cnn_dailymail (3.0.0)" in message and "unreachable" in message and "dataset_path" in message
-    grue.hub_is_reachable.cache_clear()
+    availability.hub_is_reachable.cache_clear()
 
 
 # ---------------------------------------------------------------- workloads on a GRUE task
 
 def test_extract_on_common_gen_with_a_configured_reward(tmp_path, local_copies):
-    from workloads.configs import ExtractConfig
-    from workloads.context import local_context
-    from workloads.extract import run_extract
+    from workloads.text.extract_config import ExtractConfig
+    from workloads.core.context import local_context
+    from workloads.text.extract import run_extract
 
     config = ExtractConfig.model_validate(dict(
         model="builtin:tiny-t5", task="common_gen", dataset_path=local_copies["common_gen"], reward="rouge_l_max",
@@ -222,9 +223,9 @@ def test_extract_on_common_gen_with_a_configured_reward(tmp_path, local_copies):
 def test_extract_iwslt_default_reward_is_sacrebleu_intl(tmp_path, local_copies):
     from sacrebleu.metrics import BLEU
 
-    from workloads.configs import ExtractConfig
-    from workloads.context import local_context
-    from workloads.extract import run_extract
+    from workloads.text.extract_config import ExtractConfig
+    from workloads.core.context import local_context
+    from workloads.text.extract import run_extract
 
     config = ExtractConfig.model_validate(dict(
         model="builtin:tiny-gpt2", task="iwslt2017", dataset_path=local_copies["iwslt2017"], num_inputs=4,
@@ -238,13 +239,13 @@ def test_extract_iwslt_default_reward_is_sacrebleu_intl(tmp_path, local_copies):
 
 
 def test_sft_on_common_gen_evaluates_with_the_configured_reward(tmp_path, local_copies):
-    from workloads.configs import SFTConfig
-    from workloads.context import local_context
-    from workloads.sft import run_sft
+    from workloads.text.sft_config import SFTConfig
+    from workloads.core.context import local_context
+    from workloads.text.sft import run_sft
 
     config = SFTConfig.model_validate(dict(
         model="builtin:tiny-t5", task="common_gen", dataset_path=local_copies["common_gen"], reward="rouge_l_max",
-        max_steps=2, batch_size=2, log_every=1))
+        max_steps=2, batch_size=2, log_every_steps=1))
     metrics = run_sft(config, local_context(str(tmp_path), show_progress=False))
     assert metrics["num_train_inputs_used"] == 5 and metrics["step"] == 2
     assert 0 <= metrics["eval_rouge_l_f_mean"] <= 1 and metrics["eval_reward_mean"] == metrics["eval_rouge_l_f_mean"]
@@ -259,7 +260,7 @@ def test_grue_sweep_files_validate_or_name_the_missing_reward_data(path):
     offline (METEOR without WordNet, the IMDB classifier off the hub): then the
     spec error says exactly that."""
     from orchestrator.spec import SpecError, load_spec
-    from workloads.availability import hub_assumed_reachable
+    from workloads.core.availability import hub_assumed_reachable
 
     try:
         with hub_assumed_reachable():  # t5-base and the datasets are the cluster's to fetch (test_spec checks offline)

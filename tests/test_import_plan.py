@@ -67,8 +67,8 @@ def test_pretrain_plan_becomes_one_label_set_stage():
     assert config.use_label_sets and config.frac_samples_to_modify_labels == 0
     assert (config.dataset, config.num_train_samples, config.num_labels_per_sample) == ("mnist", 1000, 5)
     assert (config.init_rnd_seed, config.samples_rnd_seed, config.batch_size) == (111, 192, 512)
-    assert (config.optimizer, config.learning_rate, config.num_epochs, config.log_every) == ("adam", 1e-4, 1000, 10)
-    assert config.checkpoint_every == 100  # every 10 validations of every 10 epochs
+    assert (config.optimizer, config.learning_rate, config.num_epochs, config.log_every_epochs) == ("adam", 1e-4, 1000, 10)
+    assert config.checkpoint_every_epochs == 100  # every 10 validations of every 10 epochs
     assert config.model.type == "mlp" and config.model.hidden_sizes == [250, 100]
     assert "from_stage" not in spec["stages"][0]
 
@@ -169,7 +169,7 @@ def test_rlgrad_import_writes_a_sweep_that_validates(tmp_path, capsys):
 def _hub_assumed_reachable():
     """These tests check how configs translate, not whether MNIST or t5-base can be
     downloaded here (that is tests/test_bad_input.py's job)."""
-    from workloads.availability import hub_assumed_reachable
+    from workloads.core.availability import hub_assumed_reachable
 
     with hub_assumed_reachable():
         yield

@@ -10,7 +10,7 @@ import yaml
 
 from orchestrator.import_rl4lms import Rl4lmsImportError, import_rl4lms_file, rl4lms_to_spec
 from workloads import validate_config
-from workloads.configs import WORKLOADS
+from workloads import WORKLOADS
 
 NARRATIVE_QA_TOKENIZER = {"model_name": "t5-base", "padding_side": "left", "truncation_side": "right",
                           "pad_token_as_eos_token": False, "max_length": 512}
@@ -106,7 +106,7 @@ def test_supervised_config():
     config = validate_config("sft", stage["config"])
     assert (config.task, config.model, config.batch_size, config.num_epochs, config.max_steps) == \
         ("narrative_qa", "t5-base", 64, 5, -1)
-    assert (config.learning_rate, config.weight_decay, config.log_every, config.max_prompt_length) == \
+    assert (config.learning_rate, config.weight_decay, config.log_every_steps, config.max_prompt_length) == \
         (1e-5, 0.01, 500, 512)
     assert config.frac_train_samples == 1.0 and config.num_train_inputs >= 1_000_000  # all train inputs
 
@@ -123,7 +123,7 @@ def test_ppo_config():
     assert config.reward_args == {"stemming": True, "alpha": 0.5, "length_limit": 100}
     assert (config.generation.top_k, config.generation.max_new_tokens, config.generation.temperature) == (50, 50, 1.0)
     # 256 steps x 10 envs / 50 tokens = 51.2 completions -> at least one minibatch of 64 = 16 prompts x 4
-    assert (config.prompts_per_rollout, config.samples_per_prompt) == (16, 4)
+    assert (config.inputs_per_rollout, config.num_samples_per_input) == (16, 4)
 
 
 def test_ppo_with_learned_reward_maps_its_arguments():
@@ -186,7 +186,7 @@ def test_ppo_on_supervised_placeholder_and_beam_search_are_named():
 def _hub_assumed_reachable():
     """These tests check how configs translate, not whether MNIST or t5-base can be
     downloaded here (that is tests/test_bad_input.py's job)."""
-    from workloads.availability import hub_assumed_reachable
+    from workloads.core.availability import hub_assumed_reachable
 
     with hub_assumed_reachable():
         yield

@@ -5,7 +5,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from workloads.models import (
+from workloads.text.models import (
     ModelNotAvailableError,
     encode_prompts,
     encode_targets,
@@ -13,14 +13,9 @@ from workloads.models import (
     load_model_and_tokenizer,
     sequence_log_probs,
 )
-from workloads.rewards import get_reward
-from workloads.text_task import (
-    MAX_LENGTH,
-    build_char_tokenizer,
-    choose_inputs,
-    prompt_text,
-    reverse_example,
-)
+from workloads.text.rewards import get_reward
+from workloads.text.builtin_task import MAX_LENGTH, choose_inputs, prompt_text, reverse_example
+from workloads.text.tokenizer import build_char_tokenizer
 
 
 @pytest.mark.parametrize("name, encoder_decoder", [("builtin:tiny-gpt2", False), ("builtin:tiny-t5", True)])

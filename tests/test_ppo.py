@@ -13,10 +13,11 @@ import pydantic
 import pytest
 import torch
 
-from workloads.configs import PPOConfig, SFTConfig
-from workloads.context import local_context
-from workloads.models import load_model_and_tokenizer, token_log_probs
-from workloads.ppo import (
+from workloads.text.ppo_config import PPOConfig
+from workloads.text.sft_config import SFTConfig
+from workloads.core.context import local_context
+from workloads.text.models import load_model_and_tokenizer, token_log_probs
+from workloads.text.ppo import (
     PolicyWithValueHead,
     clipped_policy_loss,
     clipped_value_loss,
@@ -26,7 +27,7 @@ from workloads.ppo import (
     std_buckets,
     update_kl_coef,
 )
-from workloads.sft import run_sft
+from workloads.text.sft import run_sft
 
 # ---------------------------------------------------------------- the math, by hand
 
@@ -143,15 +144,15 @@ def test_actor_critic_scores_outputs_like_token_log_probs(model_name):
 
 # ---------------------------------------------------------------- end to end
 
-SMALL = dict(num_train_inputs=64, num_eval_inputs=8, prompts_per_rollout=8, samples_per_prompt=4,
+SMALL = dict(num_train_inputs=64, num_eval_inputs=8, inputs_per_rollout=8, num_samples_per_input=4,
              minibatch_size=16, ppo_epochs=2, learning_rate=3e-4, generation={"max_new_tokens": 14})
 
 
 # an end-to-end run short enough for a test that still moves the reward: PPO trains on
 # exactly the monitor set, so each input is seen ~10 times (measured over seeds 0-2: the
 # monitor-set reward rises by 0.12-0.14 in ~11 s)
-LEARNS = dict(num_rollouts=20, eval_every=10, num_train_inputs=32, num_eval_inputs=32, prompts_per_rollout=16,
-              samples_per_prompt=8, minibatch_size=32, ppo_epochs=4, learning_rate=3e-4)
+LEARNS = dict(num_rollouts=20, eval_every_rollouts=10, num_train_inputs=32, num_eval_inputs=32, inputs_per_rollout=16,
+              num_samples_per_input=8, minibatch_size=32, ppo_epochs=4, learning_rate=3e-4)
 
 
 def ppo(tmp_path, name, report_copies=None, **overrides):
@@ -178,7 +179,7 @@ def sft_checkpoint(tmp_path_factory):
     """A short SFT so the reward is not 0 everywhere (PPO from a random model has nothing to climb)."""
     tmp = tmp_path_factory.mktemp("sft")
     ctx = local_context(str(tmp), show_progress=False)
-    run_sft(SFTConfig(max_steps=150, batch_size=32, learning_rate=2e-3, num_train_inputs=2000, log_every=150), ctx)
+    run_sft(SFTConfig(max_steps=150, batch_size=32, learning_rate=2e-3, num_train_inputs=2000, log_every_steps=150), ctx)
     return ctx.checkpoint_path
 
 
@@ -194,7 +195,7 @@ def test_causal_ppo_raises_monitor_set_reward(causal_run):
     inputs = read(tmp, "causal", "inputs")
     final_step = LEARNS["num_rollouts"]
     by_step = inputs.groupby("step").reward_mean.mean()
-    assert list(by_step.index) == [0, LEARNS["eval_every"], final_step]
+    assert list(by_step.index) == [0, LEARNS["eval_every_rollouts"], final_step]
     assert by_step[final_step] > by_step[0] + 0.05, by_step.to_dict()
     # the KL to the initial policy starts at exactly 0 (π_old = π_ref) and grows
     kl = [r["kl"] for r in causal_run[1].reported[:-1]]
@@ -204,7 +205,7 @@ def test_causal_ppo_raises_monitor_set_reward(causal_run):
 def test_monitor_rows_in_metrics_table(causal_run):
     _, ctx, tmp = causal_run
     metrics = read(tmp, "causal", "metrics")
-    P, num_rollouts = LEARNS["prompts_per_rollout"], LEARNS["num_rollouts"]
+    P, num_rollouts = LEARNS["inputs_per_rollout"], LEARNS["num_rollouts"]
     train = metrics[metrics.split == "train"].pivot_table(index="step", columns="metric", values="value")
     assert list(train.index) == list(range(1, num_rollouts + 1))
     for column in ["reward_mean", "reward_std_mean", "share_reward_std_below_0.01", "share_reward_std_below_0.05",
@@ -235,13 +236,13 @@ def test_monitor_rows_in_metrics_table(causal_run):
     assert ctx.reported[0]["reward_mean"] == pytest.approx(train.loc[1, "reward_mean"])
     # the monitor set by its initial reward std, at every evaluation
     monitor = metrics[metrics.split.str.startswith("monitor")]
-    assert set(monitor.step) == {0, LEARNS["eval_every"], num_rollouts}
+    assert set(monitor.step) == {0, LEARNS["eval_every_rollouts"], num_rollouts}
 
 
 def test_inputs_and_samples_tables_before_and_after(causal_run, sft_checkpoint):
     _, _, tmp = causal_run
     inputs, samples = read(tmp, "causal", "inputs"), read(tmp, "causal", "samples")
-    N, K, final_step = LEARNS["num_eval_inputs"], LEARNS["samples_per_prompt"], LEARNS["num_rollouts"]
+    N, K, final_step = LEARNS["num_eval_inputs"], LEARNS["num_samples_per_input"], LEARNS["num_rollouts"]
     first_ids = set(inputs[inputs.step == 0].input_id)
     assert len(first_ids) == N
     for step in (0, final_step):
@@ -269,7 +270,7 @@ def test_final_checkpoint_loads_and_differs_from_start(causal_run, sft_checkpoin
 
 
 def test_resume_from_mid_run_checkpoint_continues_at_saved_step(sft_checkpoint, tmp_path):
-    settings = dict(model=sft_checkpoint, num_rollouts=4, checkpoint_every=2, target_kl=0.01, kl_horizon=100)
+    settings = dict(model=sft_checkpoint, num_rollouts=4, checkpoint_every_rollouts=2, target_kl=0.01, kl_horizon=100)
     checkpoints = {}
     full, full_ctx = ppo(tmp_path, "full", report_copies=checkpoints, **settings)
     assert sorted(checkpoints) == [2, 4]
@@ -308,12 +309,12 @@ def test_seq2seq_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(prompts_per_rollout=4, samples_per_prompt=4, minibatch_size=32), "exceeds a rollout"),
+    (dict(inputs_per_rollout=4, num_samples_per_input=4, minibatch_size=32), "exceeds a rollout"),
     (dict(num_train_inputs=16, num_eval_inputs=32), "num_eval_inputs"),
-    (dict(num_train_inputs=16, prompts_per_rollout=32, minibatch_size=8), "prompts_per_rollout"),
+    (dict(num_train_inputs=16, inputs_per_rollout=32, minibatch_size=8), "inputs_per_rollout"),
     (dict(kl_coef=0.0), "cannot grow a kl_coef of 0"),
-    (dict(monitor_reward_std_thresholds=[0.1, 0.05]), "strictly increasing"),
-    (dict(samples_per_prompt=1), "greater than or equal to 2"),
+    (dict(reward_std_thresholds=[0.1, 0.05]), "strictly increasing"),
+    (dict(num_samples_per_input=1), "greater than or equal to 2"),
     (dict(clip_range=1.5), "less than 1"),
     (dict(reward_args={"n": 1}), "explicit reward name"),
 ])

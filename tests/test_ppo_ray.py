@@ -19,13 +19,13 @@ sweep: sft_ppo
 stages:
   - name: sft
     workload: sft
-    config: {max_steps: 150, batch_size: 32, learning_rate: 2.0e-3, num_train_inputs: 2000, log_every: 150}
+    config: {max_steps: 150, batch_size: 32, learning_rate: 2.0e-3, num_train_inputs: 2000, log_every_steps: 150}
     scaling: {num_workers: 0}
   - name: ppo
     workload: ppo
     from_stage: sft
-    config: {num_rollouts: 20, eval_every: 10, num_train_inputs: 32, num_eval_inputs: 32, prompts_per_rollout: 16,
-             samples_per_prompt: 8, minibatch_size: 32, ppo_epochs: 4, learning_rate: 3.0e-4,
+    config: {num_rollouts: 20, eval_every_rollouts: 10, num_train_inputs: 32, num_eval_inputs: 32, inputs_per_rollout: 16,
+             num_samples_per_input: 8, minibatch_size: 32, ppo_epochs: 4, learning_rate: 3.0e-4,
              generation: {max_new_tokens: 14}}
     scaling: {num_workers: 1}
 """

@@ -9,9 +9,11 @@ import sys
 import pydantic
 import pytest
 
-from workloads import grue
-from workloads.configs import ExtractConfig, SFTConfig
-from workloads.rewards import RewardNotAvailableError, check_reward_available, get_reward
+from workloads.core import availability
+from workloads.text import grue
+from workloads.text.extract_config import ExtractConfig
+from workloads.text.sft_config import SFTConfig
+from workloads.text.rewards import RewardNotAvailableError, check_reward_available, get_reward
 
 
 def values(reward_fn, outputs, references, prompts=None):
@@ -149,14 +151,14 @@ def test_learned_reward_validation(monkeypatch, tiny_classifier, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    grue.hub_is_reachable.cache_clear()
+    availability.hub_is_reachable.cache_clear()
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(pydantic.ValidationError,
                        match=r"model 'lvwerra/distilbert-imdb' is not available .* unreachable"):
         ExtractConfig.model_validate({"task": "imdb", "dataset_path": str(tmp_path)})  # default reward: lvwerra/distilbert-imdb
-    grue.hub_is_reachable.cache_clear()
+    availability.hub_is_reachable.cache_clear()
     with pytest.raises(pydantic.ValidationError, match="needs argument"):
         SFTConfig.model_validate({"task": "imdb", "reward": "learned", "dataset_path": str(tmp_path)})
 
@@ -175,7 +177,7 @@ def test_unknown_rewards_and_arguments_are_named():
 
 
 def test_validation_imports_no_torch():
-    code = ("import sys; from workloads.configs import ExtractConfig; "
+    code = ("import sys; from workloads.text.extract_config import ExtractConfig; "
             "ExtractConfig.model_validate({'task': 'narrative_qa', 'dataset_path': '.'}); "
             "ExtractConfig.model_validate({'task': 'totto', 'dataset_path': '.', 'reward': 'sacrebleu', "
             "'reward_args': {'tokenize': 'intl'}}); "

@@ -60,7 +60,7 @@ sweep: on_s3
 stages:
   - name: sft
     workload: sft
-    config: {num_train_inputs: 32, batch_size: 8, learning_rate: 3.0e-3, log_every: 2}
+    config: {num_train_inputs: 32, batch_size: 8, learning_rate: 3.0e-3, log_every_steps: 2}
     search: {grid: {max_steps: [4]}}
     scaling: {num_workers: 0}          # inline: checkpoint kept by Tune, on S3
   - name: extract
@@ -82,7 +82,7 @@ def test_sweep_with_results_on_s3(s3_env, tmp_path):
     assert not (tmp_path / "results").exists()  # nothing went to local disk
 
     from orchestrator.query import list_sweeps, run_query
-    from workloads.tables import resolve
+    from workloads.core.storage import resolve
 
     assert list_sweeps(results) == ["on_s3"]
     counts = run_query(results, "SELECT count(*) AS n, count(DISTINCT input_id) AS i FROM samples").to_pylist()[0]

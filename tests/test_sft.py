@@ -7,14 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workloads.configs import SFTConfig
-from workloads.context import local_context
-from workloads.models import encode_prompts, generate_outputs, load_model_and_tokenizer
-from workloads.rewards import get_reward
-from workloads.sft import NUM_EVAL_INPUTS, run_sft
-from workloads.text_task import get_examples, prompt_text
+from workloads.text.sft_config import SFTConfig
+from workloads.core.context import local_context
+from workloads.text.models import encode_prompts, generate_outputs, load_model_and_tokenizer
+from workloads.text.rewards import get_reward
+from workloads.text.sft import NUM_EVAL_INPUTS, run_sft
+from workloads.text.builtin_task import get_examples, prompt_text
 
-FAST = dict(learning_rate=2e-3, batch_size=32, log_every=50, num_train_inputs=2000)
+FAST = dict(learning_rate=2e-3, batch_size=32, log_every_steps=50, num_train_inputs=2000)
 
 
 def sft(tmp_path, name, **overrides):
@@ -45,7 +45,7 @@ def test_sft_improves_eval_reward(baseline_and_trained):
     (baseline, _), (trained, ctx), _ = baseline_and_trained
     assert baseline["eval_reward_mean"] < 0.1
     assert trained["eval_reward_mean"] > baseline["eval_reward_mean"] + 0.25
-    # a report every log_every steps, then the final one with the checkpoint
+    # a report every log_every_steps steps, then the final one with the checkpoint
     assert [r["step"] for r in ctx.reported] == [50, 100, 150, 150]
     losses = [r["loss"] for r in ctx.reported[:3]]
     assert losses[0] > losses[-1]
@@ -86,7 +86,7 @@ def test_resume_from_final_checkpoint_trains_nothing_more(baseline_and_trained, 
 
 
 def test_seq2seq_and_fraction_of_train_inputs(tmp_path):
-    metrics, ctx = sft(tmp_path, "t5", model="builtin:tiny-t5", max_steps=60, log_every=20,
+    metrics, ctx = sft(tmp_path, "t5", model="builtin:tiny-t5", max_steps=60, log_every_steps=20,
                        frac_train_samples=0.1)
     assert metrics["num_train_inputs_used"] == 200
     losses = [r["loss"] for r in ctx.reported[:-1]]
@@ -102,7 +102,7 @@ def _ddp_worker(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     ctx = local_context(str(tmp / "results"), show_progress=False)
     ctx.rank, ctx.world_size = rank, 2
-    metrics = run_sft(SFTConfig.model_validate({**FAST, "max_steps": 10, "log_every": 5, "batch_size": 8}), ctx)
+    metrics = run_sft(SFTConfig.model_validate({**FAST, "max_steps": 10, "log_every_steps": 5, "batch_size": 8}), ctx)
     model, _ = load_model_and_tokenizer(ctx.checkpoint_path) if rank == 0 else (None, None)
     torch.save({"reported": ctx.reported, "metrics": metrics,
                 "checkpoint": None if model is None else model.state_dict()}, tmp / f"rank{rank}.pt")

@@ -148,11 +148,11 @@ def test_every_shipped_search_space_validates_or_names_what_is_missing_offline(n
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_search_space_validates_where_the_hub_is_reachable(name, monkeypatch, capsys):
-    import workloads.grue
+    import workloads.core.availability
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(workloads.grue, "hub_is_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(workloads.core.availability, "hub_is_reachable", lambda *a, **k: True)
     code = main(["validate", os.path.join(SEARCH_SPACES, name)])
     err = capsys.readouterr().err
     assert code == 0 or "needs NLTK data" in err, err  # METEOR's WordNet data is not a hub download

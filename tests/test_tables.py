@@ -13,7 +13,8 @@ from orchestrator.aggregate import AggregationError, aggregate_sweep, per_input_
 from orchestrator.query import list_sweeps, run_query
 from orchestrator.report import build_report, fit_envelope
 from orchestrator.tables_io import read_table
-from workloads.tables import SCHEMAS, ShardWriter, to_table
+from workloads.core.tables import SCHEMAS, to_table
+from workloads.core.storage import ShardWriter
 
 
 def _write_trial(results, sweep, trial, rewards_by_input, grad_norms=None, stage="extract", parent=None):

@@ -1,7 +1,15 @@
 """The science: data, models, rewards, sampling, gradient norms, training loops.
 
-Each workload is a plain function of its validated config and a
-`WorkloadContext`; nothing here imports Ray.
+Three parts, imports flowing one way (text and controlled -> core):
+  core/        the context a workload runs in, table schemas and storage,
+               hub/availability probing, local data, the config base
+  text/        language-model RFT: models, tasks, rewards, sampling, gradient
+               norms, and the extract / sft / ppo workloads
+  controlled/  classifier "policies": SFT vs RFT (paper section 4.2)
+
+Each workload is a plain function `run(config, ctx)` of its validated config
+(which sits beside it and imports no torch) and a `WorkloadContext`; nothing
+here imports Ray.
 """
 
 from __future__ import annotations
@@ -9,16 +17,35 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import NamedTuple
 
-from .configs import WORKLOADS
+from .controlled.config import ControlledConfig
+from .core.config import StrictConfig
+from .noop import NoopConfig
+from .text.extract_config import ExtractConfig
+from .text.ppo_config import PPOConfig
+from .text.sft_config import SFTConfig
+
+
+class Workload(NamedTuple):
+    config: type[StrictConfig]
+    entry: str  # "module:function", imported when the workload runs (the registry stays torch-free)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "extract": Workload(ExtractConfig, "workloads.text.extract:run_extract"),
+    "sft": Workload(SFTConfig, "workloads.text.sft:run_sft"),
+    "ppo": Workload(PPOConfig, "workloads.text.ppo:run_ppo"),
+    "controlled": Workload(ControlledConfig, "workloads.controlled.finetune:run_controlled"),
+    "noop": Workload(NoopConfig, "workloads.noop:run_noop"),
+}
 
 
 def validate_config(workload: str, values: dict):
     """The typed config of `workload` built from plain values (raises pydantic.ValidationError)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; allowed: {sorted(WORKLOADS)}")
-    config_cls, _ = WORKLOADS[workload]
-    return config_cls.model_validate(values)
+    return WORKLOADS[workload].config.model_validate(values)
 
 
 def run_workload(workload: str, config, ctx):

@@ -8,9 +8,26 @@ hundreds of trials.
 from __future__ import annotations
 
 import time
+from typing import ClassVar, Optional
 
-from .configs import NoopConfig
-from .context import WorkloadContext
+from pydantic import Field
+
+from .core.config import StrictConfig
+from .core.context import WorkloadContext
+
+
+class NoopConfig(StrictConfig):
+    """A workload that does no science: for checking a cluster, the orchestrator's
+    overhead and its load behaviour. Reports `objective = -(x - 1)^2`, so a
+    search over `x` has a known optimum."""
+
+    checkpoint_field: ClassVar[str] = "init_checkpoint"
+    produces_checkpoint: ClassVar[bool] = False
+
+    x: float = Field(0.0, description="the searched value; objective = -(x - 1)^2")
+    sleep_s: float = Field(0.0, ge=0, description="seconds slept before each report")
+    num_reports: int = Field(1, ge=1, description="reports per trial")
+    init_checkpoint: Optional[str] = Field(None, description="filled by `from_stage:`; unused")
 
 
 def run_noop(config: NoopConfig, ctx: WorkloadContext) -> dict:

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .tables import ShardWriter
+from .storage import ShardWriter
 
 # report_fn(metrics, checkpoint_dir or None); the checkpoint dir is a local
 # directory the workload filled (save_pretrained, torch state) and may delete

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..core.availability import RewardNotAvailableError, check_pretrained_available
+
 
 @dataclass
 class Reward:
@@ -39,10 +41,6 @@ class Reward:
 
 
 RewardFn = Callable[[list[str], list[str], list], list[Reward]]
-
-
-class RewardNotAvailableError(ValueError):
-    """A reward that cannot run here (unknown, bad arguments, missing data or model)."""
 
 
 def _reference_list(references: str | Sequence[str]) -> list[str]:
@@ -270,32 +268,8 @@ def _check_learned(args: dict) -> None:
         raise RewardNotAvailableError("reward 'learned': label_index must be an integer >= 0")
     if not isinstance(args.get("batch_size", 1), int) or args.get("batch_size", 1) < 1:
         raise RewardNotAvailableError("reward 'learned': batch_size must be an integer >= 1")
-    if os.path.isdir(model):
-        if not os.path.exists(os.path.join(model, "config.json")):
-            raise RewardNotAvailableError(f"reward 'learned': {model!r} holds no config.json "
-                                          "(save the classifier and its tokenizer with save_pretrained)")
-        return
-    from .availability import hub_unavailable
-    from .grue import hub_endpoint, hub_offline_mode
-
-    if hub_unavailable() and not _in_hub_cache(model):
-        raise RewardNotAvailableError(
-            f"reward 'learned': model {model!r} is not available -- not a local directory, not in the "
-            f"Hugging Face cache, and the hub ({hub_endpoint()}) is "
-            f"{'switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)' if hub_offline_mode() else 'unreachable'}. "
-            "Pass a local directory holding the classifier and its tokenizer (save_pretrained)."
-        )
-
-
-def _in_hub_cache(model: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        return isinstance(try_to_load_from_cache(model, "config.json"), str)
-    except Exception:  # a malformed id
-        return False
+    check_pretrained_available(model, "reward 'learned': model", "pass a local directory holding the classifier "
+                               "and its tokenizer (save_pretrained)", error=RewardNotAvailableError)
 
 
 # --------------------------------------------------------------------------

@@ -17,13 +17,7 @@ Bump SCHEMA_VERSION on any change to a schema; readers refuse other versions.
 
 from __future__ import annotations
 
-import posixpath
-import uuid
-from dataclasses import dataclass
-
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 SCHEMA_VERSION = "1"
 
@@ -149,26 +143,6 @@ def to_table(name: str, rows, identity: dict[str, str] | None = None) -> pa.Tabl
     return table.replace_schema_metadata(_with_version(schema, name).metadata)
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and a path in it for a local path or a URI (s3://, gs://, ...)."""
-    if "://" not in uri:
-        import os
-
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Write `table` so that readers see either no file or the whole file."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, path)  # rename(2): atomic on one filesystem
-    else:
-        pq.write_table(table, path, filesystem=fs)  # object stores: one PUT, atomic
-
-
 def check_schema(name: str, schema: pa.Schema, where: str) -> None:
     """Refuse a file written under another schema version or with other columns."""
     meta = schema.metadata or {}
@@ -178,33 +152,3 @@ def check_schema(name: str, schema: pa.Schema, where: str) -> None:
     expected = SCHEMAS[name]
     if not schema.remove_metadata().equals(expected):
         raise ValueError(f"{where}: table {name!r} does not match the rlgrad schema v{SCHEMA_VERSION}")
-
-
-@dataclass
-class ShardWriter:
-    """Writes one trial's shards of any table under <root>/<sweep>/<table>/<stage>/<trial>/."""
-
-    root: str  # results root: local path or URI
-    sweep: str
-    stage: str
-    trial: str
-    config_hash: str
-
-    @property
-    def identity(self) -> dict[str, str]:
-        return {"sweep": self.sweep, "stage": self.stage, "trial": self.trial, "config_hash": self.config_hash}
-
-    def _path(self, table: str, shard: str) -> tuple[pafs.FileSystem, str]:
-        if table not in SCHEMAS:
-            raise ValueError(f"unknown table {table!r}; allowed: {sorted(SCHEMAS)}")
-        fs, base = resolve(self.root)
-        return fs, posixpath.join(base, self.sweep, table, self.stage, self.trial, f"{shard}.parquet")
-
-    def exists(self, table: str, shard: str) -> bool:
-        fs, path = self._path(table, shard)
-        return fs.get_file_info(path).type == pafs.FileType.File
-
-    def write(self, table: str, shard: str, rows) -> str:
-        fs, path = self._path(table, shard)
-        write_parquet_atomic(fs, path, to_table(table, rows, self.identity))
-        return path

@@ -34,26 +34,20 @@ is first loaded.
 from __future__ import annotations
 
 import functools
-import glob
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import numpy as np
+
+from ..core.availability import DatasetNotAvailableError, hub_endpoint, hub_is_reachable, hub_offline_mode
+from ..core.local_data import load_local_split
 
 EOU = "<EOU>"  # DailyDialog's end-of-utterance marker (RL4LMs)
 DAILY_DIALOG_CONTEXT_TURNS = 5
 IMDB_SHUFFLE_SEED = 42  # the reference datapool shuffles IMDB with seed 42 before splitting
 IMDB_TRAIN_FRACTION = 0.8  # of the hub's train split; the rest is our validation split
 IMDB_TEST_SIZE = 5000  # the reference datapool keeps 5,000 shuffled test reviews
-HUB_PROBE_TIMEOUT_S = 3.0
 SPLITS = ("train", "validation", "test")
-
-
-class DatasetNotAvailableError(OSError):
-    """A GRUE dataset that is neither in a local copy nor loadable from the hub."""
 
 
 @dataclass(frozen=True)
@@ -254,9 +248,6 @@ OPTIONAL_COLUMNS = {"concept_set_id", "references"}  # common_gen: grouped by co
 # loading: a local copy or the hub (offline-aware)
 # --------------------------------------------------------------------------
 
-LOCAL_FORMATS = {"parquet": "parquet", "jsonl": "json", "json": "json", "csv": "csv"}
-
-
 def load_table(task: str, split: str, dataset_path: str | None = None):
     """One split of the task's dataset as a `datasets.Dataset`."""
     if dataset_path:
@@ -265,30 +256,17 @@ def load_table(task: str, split: str, dataset_path: str | None = None):
 
 
 def _load_local(task: str, split: str, path: str):
-    import datasets
-
-    if not os.path.exists(path):
-        raise DatasetNotAvailableError(f"dataset_path {path!r} of task {task!r} does not exist")
-    # a save_to_disk directory: a DatasetDict, or a Dataset per split in <path>/<split>/
-    if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        saved = datasets.load_from_disk(path)
-        if split not in saved:
-            raise DatasetNotAvailableError(f"{path!r} (task {task!r}) has splits {list(saved)}, not {split!r}")
-        return saved[split]
-    if os.path.exists(os.path.join(path, split, "state.json")):
-        return datasets.load_from_disk(os.path.join(path, split))
-    # files per split: <path>/<split>.<ext>, <path>/<split>-*.<ext> or <path>/<split>/*.<ext>
-    for extension, builder in LOCAL_FORMATS.items():
-        files = sorted({*glob.glob(os.path.join(path, f"{split}.{extension}")),
-                        *glob.glob(os.path.join(path, f"{split}-*.{extension}")),
-                        *glob.glob(os.path.join(path, split, f"*.{extension}"))})
-        if files:
-            return datasets.load_dataset(builder, data_files={split: files}, split=split)
-    raise DatasetNotAvailableError(
-        f"no {split!r} split of task {task!r} in dataset_path {path!r}: expected a save_to_disk directory "
-        f"or files {split}.parquet / {split}.jsonl / {split}.json / {split}.csv "
-        f"with the columns {list(GRUE_TASKS[task].columns)}"
-    )
+    try:
+        table = load_local_split(path, split)
+    except DatasetNotAvailableError as error:
+        raise DatasetNotAvailableError(f"{error} (task {task!r})") from error
+    if table is None:
+        raise DatasetNotAvailableError(
+            f"no {split!r} split of task {task!r} in dataset_path {path!r}: expected a save_to_disk directory "
+            f"or files {split}.parquet / {split}.jsonl / {split}.json / {split}.csv "
+            f"with the columns {list(GRUE_TASKS[task].columns)}"
+        )
+    return table
 
 
 def _load_from_hub(task: str, split: str):
@@ -314,29 +292,6 @@ def _load_from_hub(task: str, split: str):
             f"dataset {name} of task {task!r} could not be loaded ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). {how_to_fix}"
         ) from error
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
-def hub_offline_mode() -> bool:
-    """The user asked the Hugging Face libraries to use their cache only."""
-    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
-               for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-@functools.lru_cache(maxsize=None)
-def hub_is_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One TCP connection to the hub's host (once per process): without network
-    this answers within `timeout`, where the libraries would retry for minutes."""
-    url = urlparse(hub_endpoint())
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                      timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------

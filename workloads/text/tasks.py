@@ -9,8 +9,8 @@
     default_reward_args(task) -> that reward's arguments (IWSLT: tokenize intl, IMDB: the classifier)
     resolve_reward(task, reward, reward_args) -> (name, args)  # a config's `reward: task` made concrete
 
-Tasks: the built-in offline `reverse` (workloads/text_task.py) and the seven
-GRUE tasks (workloads/grue.py), which read the hub or a local copy given by
+Tasks: the built-in offline `reverse` (workloads/text/builtin_task.py) and the seven
+GRUE tasks (workloads/text/grue.py), which read the hub or a local copy given by
 `dataset_path` (ignored by `reverse`, which needs no data).
 
 This module is light to import (no torch, no datasets, no transformers), so the
@@ -19,9 +19,8 @@ configs can check a task and its reward while they are validated.
 
 from __future__ import annotations
 
-import importlib
-
-from . import grue
+from . import builtin_task, grue
+from .rewards import check_reward_available
 
 BUILTIN_TASKS = ("reverse",)
 TASKS = (*BUILTIN_TASKS, *grue.GRUE_TASKS)
@@ -33,35 +32,31 @@ def _check(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
 
 
-def _text_task():
-    return importlib.import_module(".text_task", __package__)  # tokenizers/transformers: import when used
-
-
 def get_examples(task: str, split: str, indices: list[int], dataset_path: str | None = None):
     _check(task)
     if task in BUILTIN_TASKS:
-        return _text_task().get_examples(task, split, indices)
+        return builtin_task.get_examples(task, split, indices)
     return grue.get_examples(task, split, indices, dataset_path)
 
 
 def split_size(task: str, split: str, dataset_path: str | None = None) -> int:
     _check(task)
     if task in BUILTIN_TASKS:
-        return _text_task().split_size(task, split)
+        return builtin_task.split_size(task, split)
     return grue.split_size(task, split, dataset_path)
 
 
 def choose_inputs(task: str, split: str, num_inputs: int, seed: int, dataset_path: str | None = None) -> list[int]:
     _check(task)
     if task in BUILTIN_TASKS:
-        return _text_task().choose_inputs(task, split, num_inputs, seed)
+        return builtin_task.choose_inputs(task, split, num_inputs, seed)
     return grue.choose_inputs(task, split, num_inputs, seed, dataset_path)
 
 
 def prompt_text(task: str, example, is_encoder_decoder: bool) -> str:
     _check(task)
     if task in BUILTIN_TASKS:
-        return _text_task().prompt_text(example.source, is_encoder_decoder)
+        return builtin_task.prompt_text(example.source, is_encoder_decoder)
     # GRUE prompts are the same text for both model kinds: T5 tasks carry their
     # prefix, GPT-2 tasks (DailyDialog, IMDB) are continuations of the prompt
     return example.source
@@ -96,7 +91,5 @@ def resolve_reward(task: str, reward: str = TASK_REWARD, reward_args: dict | Non
 def check_task_and_reward(task: str, reward: str = TASK_REWARD, reward_args: dict | None = None) -> None:
     """What the workload configs run when validated: the task exists and its
     reward can run here (see workloads.rewards.check_reward_available)."""
-    from .rewards import check_reward_available
-
     _check(task)
     check_reward_available(*resolve_reward(task, reward, reward_args))

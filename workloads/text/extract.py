@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .configs import ExtractConfig
-from .context import WorkloadContext
+from ..core.context import WorkloadContext
+from .extract_config import ExtractConfig
 from .gradnorm import per_input_grad_norms, reward_stats
 from .models import encode_prompts, generate_outputs, load_model_and_tokenizer, sequence_log_probs
 from .rewards import get_reward

@@ -56,8 +56,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .configs import PPOConfig
-from .context import WorkloadContext
+from ..core.context import WorkloadContext
+from .ppo_config import PPOConfig
 from .gradnorm import per_input_grad_norms, reward_stats
 from .models import _pad as pad_rows  # the padding token_log_probs uses: the same alignment
 from .models import (encode_prompts, generate_outputs, load_model_and_tokenizer, sequence_log_probs,
@@ -251,13 +251,13 @@ def bucket_of(std: float, buckets: list[tuple[str, float, float]]) -> str:
 
 def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if config.prompts_per_rollout % ctx.world_size:
-        raise ValueError(f"prompts_per_rollout ({config.prompts_per_rollout}) must be a multiple of the "
+    if config.inputs_per_rollout % ctx.world_size:
+        raise ValueError(f"prompts_per_rollout ({config.inputs_per_rollout}) must be a multiple of the "
                          f"{ctx.world_size} workers (every rank takes the same number of prompts)")
     device = torch.device(ctx.device)
-    K = config.samples_per_prompt
+    K = config.num_samples_per_input
     gen = config.generation
-    buckets = std_buckets(config.monitor_reward_std_thresholds)
+    buckets = std_buckets(config.reward_std_thresholds)
 
     def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
         if distributed:
@@ -330,9 +330,9 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
         elif end > first:
             torch.manual_seed(config.seed * 1_000_003 + 7919 * step + first)  # the same samples on a retry
             sample_rows = []
-            for batch_start in range(first, end, config.prompts_per_rollout):
+            for batch_start in range(first, end, config.inputs_per_rollout):
                 examples = get_examples(config.task, "train",
-                                        monitor_ids[batch_start : min(end, batch_start + config.prompts_per_rollout)],
+                                        monitor_ids[batch_start : min(end, batch_start + config.inputs_per_rollout)],
                                         config.dataset_path)
                 prompts, prompt_ids, refs = prompts_and_references(examples)
                 outputs, texts, rewards, reward_matrix = sample_and_score(prompts, prompt_ids, refs)
@@ -396,7 +396,7 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
     if start_step == 0:
         evaluate_monitor_set(0)
 
-    rollout_size = config.prompts_per_rollout * K  # completions, all ranks together
+    rollout_size = config.inputs_per_rollout * K  # completions, all ranks together
     num_minibatches = math.ceil(rollout_size / config.minibatch_size)
     progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {config.model}", unit="rollout",
                     disable=not (ctx.is_main and ctx.show_progress))
@@ -409,7 +409,7 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
 
         # --- 1. rollout: this rank's slice of the step's prompts, K completions each
         tic = time.perf_counter()
-        step_prompt_ids = random.Random(config.seed * 1_000_003 + step).sample(pool, config.prompts_per_rollout)
+        step_prompt_ids = random.Random(config.seed * 1_000_003 + step).sample(pool, config.inputs_per_rollout)
         examples = get_examples(config.task, "train", ctx.my_items(step_prompt_ids), config.dataset_path)
         prompts, prompt_ids, refs = prompts_and_references(examples)
         outputs, _, _, reward_matrix = sample_and_score(prompts, prompt_ids, refs)
@@ -472,10 +472,10 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
         kl_coef = update_kl_coef(kl_coef, kl, config.target_kl, rollout_size, config.kl_horizon)
 
         # --- 6. the monitor: reward and gradient norm by per-prompt reward std, summed over ranks
-        std_sums = torch.zeros(2 + len(config.monitor_reward_std_thresholds), dtype=torch.float64)
+        std_sums = torch.zeros(2 + len(config.reward_std_thresholds), dtype=torch.float64)
         std_sums[0] = reward_std.sum()
         std_sums[1] = reward_mean.sum()
-        for j, threshold in enumerate(config.monitor_reward_std_thresholds):
+        for j, threshold in enumerate(config.reward_std_thresholds):
             std_sums[2 + j] = (reward_std < threshold).sum()
         bucket_sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # prompts, reward sum, grad-norm sum
         names = [name for name, _, _ in buckets]
@@ -483,13 +483,13 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
             b = names.index(bucket_of(reward_std[i].item(), buckets))
             bucket_sums[b] += torch.tensor([1.0, reward_mean[i].item(), grad_norms[i] or 0.0], dtype=torch.float64)
         std_sums, bucket_sums = sum_over_ranks(std_sums), sum_over_ranks(bucket_sums)
-        P = config.prompts_per_rollout
+        P = config.inputs_per_rollout
         metrics = {
             "step": step,
             "reward_mean": std_sums[1].item() / P,
             "reward_std_mean": std_sums[0].item() / P,
             **{f"share_reward_std_below_{t}": std_sums[2 + j].item() / P
-               for j, t in enumerate(config.monitor_reward_std_thresholds)},
+               for j, t in enumerate(config.reward_std_thresholds)},
             "kl": kl, "kl_coef": kl_coef_used, "next_kl_coef": kl_coef,
             "policy_loss": update_means[0], "value_loss": update_means[1], "entropy": update_means[2],
             "clip_fraction": update_means[3], "approx_kl": update_means[4],
@@ -508,9 +508,9 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
                             if value is not None})
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{kl:.3f}")
 
-        if config.eval_every and step % config.eval_every == 0 and step != config.num_rollouts:
+        if config.eval_every_rollouts and step % config.eval_every_rollouts == 0 and step != config.num_rollouts:
             evaluate_monitor_set(step)
-        checkpoint_now = config.checkpoint_every and step % config.checkpoint_every == 0 \
+        checkpoint_now = config.checkpoint_every_rollouts and step % config.checkpoint_every_rollouts == 0 \
             and step != config.num_rollouts  # the final checkpoint comes with the final report
         checkpoint_dir = save_checkpoint(step) if checkpoint_now else None
         ctx.report(metrics, checkpoint_dir=checkpoint_dir if ctx.is_main else None)

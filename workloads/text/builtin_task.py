@@ -1,4 +1,4 @@
-"""The built-in offline text task `reverse` and its character tokenizer.
+"""The built-in offline text task `reverse` (its tokenizer: workloads/text/tokenizer.py).
 
 Input: a string of 1 to 12 lowercase letters; target: the same string reversed.
 Input i of a split is a pure function of (split, i), so every worker, every
@@ -23,8 +23,6 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 TASK_NAME = "reverse"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"  # 26**12 distinct long strings: validation inputs are unseen
@@ -32,10 +30,6 @@ MIN_LENGTH, MAX_LENGTH = 1, 12
 SEPARATOR = "="  # ends a causal prompt: "the answer starts here"
 SPLIT_SIZES = {"train": 50_000, "validation": 2_000, "test": 2_000}
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-# Characters the tokenizer knows: the task's alphabet plus enough of plain text
-# that a prompt with other characters still tokenizes (anything else is <unk>).
-VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?'\"-=()"
 
 
 @dataclass(frozen=True)
@@ -88,20 +82,3 @@ def prompt_text(source: str, is_encoder_decoder: bool) -> str:
 def _check_task(task: str) -> None:
     if task != TASK_NAME:
         raise ValueError(f"unknown task {task!r}; built-in tasks: [{TASK_NAME!r}]")
-
-
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, plus <pad>=0, <bos>=1, <eos>=2, <unk>=3.
-
-    No special tokens are added automatically: the workloads append EOS to
-    targets themselves, so causal and seq2seq code see exactly the ids they build.
-    """
-    vocab = {token: i for i, token in enumerate([PAD, BOS, EOS, UNK])}
-    for char in VOCAB_CHARS:
-        vocab.setdefault(char, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char alone
-    backend.decoder = decoders.Fuse()  # join characters back without spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )

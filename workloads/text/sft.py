@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .configs import SFTConfig
-from .context import WorkloadContext
+from ..core.context import WorkloadContext
+from .sft_config import SFTConfig
 from .models import encode_prompts, encode_targets, generate_outputs, load_model_and_tokenizer, token_log_probs, unwrap
 from .rewards import get_reward
 from .tasks import get_examples, prompt_text, references, resolve_reward, split_size
@@ -86,11 +86,11 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
         optimizer.step()
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
 
-        if step % config.log_every == 0 or step == total_steps:
+        if step % config.log_every_steps == 0 or step == total_steps:
             last_loss = _mean_over_ranks(loss_sum / loss_count, distributed, loss.device)
             loss_sum, loss_count = 0.0, 0
             ctx.log_metrics(step, {"loss": last_loss})
-            if step % config.log_every == 0:  # same number of reports on every rank
+            if step % config.log_every_steps == 0:  # same number of reports on every rank
                 ctx.report({"step": step, "loss": last_loss})
     train_seconds = time.perf_counter() - started
 

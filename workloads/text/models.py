@@ -25,14 +25,11 @@ from transformers import (
 )
 from transformers import GenerationConfig as HFGenerationConfig
 
-from .text_task import build_char_tokenizer
+from ..core.availability import ModelNotAvailableError
+from .tokenizer import build_char_tokenizer
 
 BUILTIN_INIT_SEED = 1234  # random init of the builtin models is the same everywhere
 FILL_ID = 0  # id written into padded slots; any valid id works, they are masked out
-
-
-class ModelNotAvailableError(OSError):
-    """A model name that is neither builtin, nor a local directory, nor loadable from the hub."""
 
 
 def _builtin_model(name: str, tokenizer):

@@ -1,0 +1,89 @@
+"""What every language-model workload's config shares: the model, the task, its
+data and reward, and the sampling settings. Torch-free.
+
+Model names accepted everywhere a config says `model`:
+  * ``builtin:tiny-gpt2`` / ``builtin:tiny-t5`` -- tiny models built from a
+    config with the built-in character tokenizer (offline, random init);
+  * a local directory holding a Hugging Face checkpoint (``save_pretrained``);
+  * a Hugging Face hub id such as ``gpt2`` or ``t5-base`` (needs hub access).
+The orchestrator fills `model` in with a checkpoint directory when a stage says
+``from_stage: <earlier stage>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+from pydantic import Field, model_validator
+
+from ..core.availability import ModelNotAvailableError, check_dataset_available, check_pretrained_available
+from ..core.config import StrictConfig
+from . import grue
+from .tasks import check_task_and_reward
+
+BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-t5")
+
+
+def check_model_available(name: str) -> None:
+    """Raise ModelNotAvailableError (one sentence naming the model) unless `name` is a
+    built-in model, a local checkpoint directory, a cached or reachable hub id,
+    or a `@stage/trial` reference that the orchestrator fills in."""
+    if name.startswith("@"):
+        return
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ModelNotAvailableError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+        return
+    check_pretrained_available(name, "model", f"pass a local checkpoint directory or a built-in model "
+                                              f"({', '.join(BUILTIN_MODELS)})")
+
+
+def check_task_data(task: str, dataset_path: str | None) -> None:
+    """The data of a text task can be read here (the built-in task always can)."""
+    if task in grue.GRUE_TASKS:
+        check_dataset_available(task, grue.GRUE_TASKS[task].hub_id, dataset_path)
+
+
+class GenerationConfig(StrictConfig):
+    """Sampling settings of extraction and of PPO rollouts (RL4LMs `generation_kwargs`)."""
+
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (paper: 1; section 5.1 sweeps it)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off (ToTTo 0, IMDB 50, IWSLT 10)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is suppressed before this many new tokens (ToTTo 10, CNN/DM 50)")
+    max_new_tokens: int = Field(48, ge=1, description="new tokens per sample (IMDB: exactly 48; NarrativeQA 50)")
+    max_prompt_length: int = Field(512, ge=1, description="prompt tokens kept (GRUE: 512; IMDB: 64)")
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+class TextTaskConfig(StrictConfig):
+    """What every language-model workload (extract, sft, ppo) names: a model, a
+    text task, the task's data and a reward -- all checked here, at validation,
+    so a sweep fails before any worker starts: unknown task or reward, bad reward
+    arguments, METEOR without WordNet data, a learned reward's model, the model
+    or the dataset unavailable (no local copy, no cache, no hub)."""
+
+    checkpoint_field: ClassVar[str] = "model"  # what `from_stage:` fills in
+
+    model: str = Field("builtin:tiny-gpt2", description=(
+        "builtin:tiny-gpt2 | builtin:tiny-t5, a local save_pretrained directory, or a hub id "
+        "(paper: t5-base, gpt2, lvwerra/gpt2-imdb); `from_stage:` fills it with a checkpoint"))
+    task: str = Field("reverse", description="the built-in offline task 'reverse', or a GRUE task (paper table of section 4)")
+    dataset_path: Optional[str] = Field(None, description=(
+        "local copy of a GRUE dataset: a save_to_disk directory or <split>.parquet/.jsonl/.csv files"))
+    reward: str = Field("task", description="'task' = the task's reward in the paper (ROUGE-L, SacreBLEU, METEOR, learned), or a reward name")
+    reward_args: dict[str, Any] = Field({}, description="arguments of a named reward (workloads/text/rewards.py)")
+
+    @model_validator(mode="after")
+    def _task_reward_model_and_data_can_run(self):
+        check_task_and_reward(self.task, self.reward, self.reward_args)
+        check_model_available(self.model)
+        check_task_data(self.task, self.dataset_path)
+        return self
