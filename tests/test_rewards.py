@@ -3,6 +3,7 @@ reward against a manual forward pass of a tiny classifier saved locally, and
 the errors the configs raise at validation when a reward cannot run here."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -70,31 +71,134 @@ def test_sacrebleu_tokenize_argument():
 
 
 # ---------------------------------------------------------------- METEOR
+# WordNet comes from the project's set-up (README test command): Debian's
+# wordnet-base + wordnet-sense-index, prepared for NLTK by
+# `python -m workloads.text.nltk_data`. These tests fail, not skip, without it.
 
-def _meteor_data_installed() -> bool:
+def _require_meteor_data():
     try:
         check_reward_available("meteor")
-        return True
-    except RewardNotAvailableError:
-        return False
+    except RewardNotAvailableError as error:
+        pytest.fail(f"METEOR data missing -- run the README's set-up: {error}")
 
 
 def test_meteor_without_wordnet_fails_at_validation(monkeypatch, tmp_path):
     import nltk
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # an nltk_data search path with nothing in it
-    with pytest.raises(pydantic.ValidationError, match=r"reward 'meteor' needs NLTK data \['wordnet', 'punkt_tab'\]"):
+    with pytest.raises(pydantic.ValidationError, match=r"reward 'meteor' needs NLTK data \['wordnet'\]"):
         ExtractConfig.model_validate({"task": "common_gen"})  # common_gen's reward is METEOR
-    with pytest.raises(pydantic.ValidationError, match="nltk.downloader wordnet punkt_tab"):
+    with pytest.raises(pydantic.ValidationError, match="python -m workloads.text.nltk_data"):
         SFTConfig.model_validate({"task": "reverse", "reward": "meteor"})
+    with pytest.raises(pydantic.ValidationError, match=r"needs NLTK data \['wordnet', 'punkt_tab'\]"):
+        SFTConfig.model_validate({"task": "reverse", "reward": "meteor", "reward_args": {"tokenize": "word_tokenize"}})
+    with pytest.raises(pydantic.ValidationError, match=r"tokenize='spacy'; allowed: \['auto', 'word_tokenize'"):
+        SFTConfig.model_validate({"task": "reverse", "reward": "meteor", "reward_args": {"tokenize": "spacy"}})
 
 
-@pytest.mark.skipif(not _meteor_data_installed(), reason="NLTK WordNet/punkt_tab data not installed here (offline)")
-def test_meteor_values_when_wordnet_is_installed():
+def test_meteor_hand_computed_values():
+    _require_meteor_data()
     meteor = get_reward("meteor")
-    # identical 6 words, one chunk: F_mean = 1, penalty = 0.5 * (1/6)^3
-    assert values(meteor, ["the cat sat on the mat"], [["the cat sat on the mat"]]) == \
-        pytest.approx([1 - 0.5 * (1 / 6) ** 3])
+    # P, R = matched fractions; F = PR / (0.9 P + 0.1 R); score = F (1 - 0.5 (chunks / matches)^3)
+    cases = [
+        # identical 6 words, one chunk: F = 1, penalty 0.5 (1/6)^3
+        ("the cat sat on the mat", ["the cat sat on the mat"], 1 - 0.5 * (1 / 6) ** 3),
+        # "kid" ~ "child" by WordNet synonym (without WordNet: 2 matches in 2 chunks, F = 2/3, score 1/3)
+        ("the kid ran", ["the child ran"], 1 - 0.5 * (1 / 3) ** 3),
+        # "cats" ~ "cat" by Porter stem; matching is case-insensitive
+        ("The Cats ran", ["the cat ran"], 1 - 0.5 * (1 / 3) ** 3),
+        # 2 of 3 matched, one chunk: P = R = 2/3, F = 2/3, penalty 0.5 (1/2)^3
+        ("the cat slept", ["the cat sat"], 2 / 3 * (1 - 0.5 / 8)),
+        # P = 1, R = 1/3: F = (1/3) / (0.9 + 0.1/3) = 5/14, one chunk of 2: penalty 1/16
+        ("the cat", ["the cat sat on a mat"], 5 / 14 * 15 / 16),
+        # swapped order: 2 matches in 2 chunks, penalty 0.5
+        ("cat the", ["the cat"], 0.5),
+        # max over references
+        ("the cat slept", ["a dog", "the cat sat", "zebra"], 2 / 3 * (1 - 0.5 / 8)),
+    ]
+    got = values(meteor, [c[0] for c in cases], [c[1] for c in cases])
+    assert got == pytest.approx([c[2] for c in cases], rel=1e-12)
+    # the arguments reach the formula: alpha = 0.5 makes F the harmonic mean of P = 1, R = 1/3: 1/2
+    assert values(get_reward("meteor", alpha=0.5), ["the cat"], ["the cat sat on a mat"]) == \
+        pytest.approx([0.5 * 15 / 16])
+
+
+# NLTK's own pinned outputs of nltk.word_tokenize (made with the punkt_tab English
+# model): nltk/tokenize/__init__.py's module docstring and nltk/test/tokenize.doctest.
+WORD_TOKENIZE_EXAMPLES = [
+    ("Good muffins cost $3.88\nin New York.  Please buy me\ntwo of them.\n\nThanks.",
+     ["Good", "muffins", "cost", "$", "3.88", "in", "New", "York", ".", "Please", "buy", "me", "two", "of", "them",
+      ".", "Thanks", "."]),
+    ("On a $50,000 mortgage of 30 years at 8 percent, the monthly payment would be $366.88.",
+     ["On", "a", "$", "50,000", "mortgage", "of", "30", "years", "at", "8", "percent", ",", "the", "monthly",
+      "payment", "would", "be", "$", "366.88", "."]),
+    ("\"We beat some pretty good teams to get here,\" Slocum said.",
+     ["``", "We", "beat", "some", "pretty", "good", "teams", "to", "get", "here", ",", "''", "Slocum", "said", "."]),
+    ("Well, we couldn't have this predictable, cliche-ridden, \"Touched by an Angel\" (a show creator John Masius "
+     "worked on) wanna-be if she didn't.",
+     ["Well", ",", "we", "could", "n't", "have", "this", "predictable", ",", "cliche-ridden", ",", "``", "Touched",
+      "by", "an", "Angel", "''", "(", "a", "show", "creator", "John", "Masius", "worked", "on", ")", "wanna-be", "if",
+      "she", "did", "n't", "."]),
+    ("I cannot cannot work under these conditions!", ["I", "can", "not", "can", "not", "work", "under", "these",
+                                                      "conditions", "!"]),
+    ("The company spent 40.75% of its income last year.",
+     ["The", "company", "spent", "40.75", "%", "of", "its", "income", "last", "year", "."]),
+    ("He arrived at 3:00 pm.", ["He", "arrived", "at", "3:00", "pm", "."]),
+    ("There were 300,000, but that wasn't enough.",
+     ["There", "were", "300,000", ",", "but", "that", "was", "n't", "enough", "."]),
+    ("It's more'n enough.", ["It", "'s", "more", "'n", "enough", "."]),
+]
+
+
+@pytest.mark.parametrize("text,expected", WORD_TOKENIZE_EXAMPLES)
+def test_meteor_tokens_match_word_tokenize(text, expected):
+    from workloads.text.rewards import meteor_tokens, punkt_available
+
+    assert meteor_tokens(text, "punkt_free") == expected
+    if punkt_available():  # where punkt_tab is installed, auto is word_tokenize itself
+        import nltk
+
+        assert nltk.word_tokenize(text) == expected == meteor_tokens(text, "auto")
+
+
+def test_word_tokenize_examples_are_nltks_own():
+    """The expected tokens above are the installed NLTK's own pinned outputs, not made up here."""
+    import os
+
+    import nltk
+
+    root = os.path.dirname(nltk.__file__)
+    pinned = ""
+    for path in (os.path.join(root, "tokenize", "__init__.py"), os.path.join(root, "test", "tokenize.doctest")):
+        with open(path, encoding="utf-8") as f:
+            pinned += " ".join(f.read().split())  # the doctests wrap long lists (NORMALIZE_WHITESPACE)
+    for _, expected in WORD_TOKENIZE_EXAMPLES:
+        assert repr(expected) in pinned
+
+
+def test_meteor_tokens_without_punkt_differ_only_on_abbreviations():
+    from workloads.text.rewards import meteor_tokens
+
+    # the one documented difference: Punkt's English model knows "Mr." is an abbreviation
+    assert meteor_tokens("Mr. Smith left. He slept.", "punkt_free") == ["Mr", ".", "Smith", "left", ".", "He",
+                                                                         "slept", "."]
+    assert meteor_tokens("hi<EOU>how are you ? <EOU>", "punkt_free") == ["hi", "<", "EOU", ">", "how", "are", "you",
+                                                                          "?", "<", "EOU", ">"]
+
+
+def test_wordnet_prepared_from_debian_packages(tmp_path):
+    """python -m workloads.text.nltk_data builds a WordNet NLTK reads, with the 45 lexnames rows of lexnames(5WN)."""
+    from workloads.text import nltk_data
+
+    if not os.path.isfile(nltk_data.LEXNAMES_MAN_PAGE):
+        pytest.fail(f"{nltk_data.LEXNAMES_MAN_PAGE} missing: apt-get install -y wordnet-base wordnet-sense-index")
+    rows = nltk_data.lexnames_from_man_page()
+    assert len(rows) == 45 and rows == list(enumerate(nltk_data.LEXICOGRAPHER_FILES))
+    assert nltk_data.lexnames_text().splitlines()[18] == "18\tnoun.person\t1"
+    assert nltk_data.main(["--dest", str(tmp_path)]) == 0
+    assert nltk_data.check_wordnet(str(tmp_path)) == "3.0"
+    assert sorted(os.listdir(tmp_path / "corpora" / "wordnet")) == sorted([*nltk_data.WORDNET_FILES, "lexnames"])
+    assert nltk_data.main(["--dest", str(tmp_path / "x"), "--wordnet-dir", str(tmp_path / "nowhere")]) == 1
 
 
 # ---------------------------------------------------------------- learned

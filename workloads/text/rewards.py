@@ -10,7 +10,7 @@ references take the best (max) over them, as the reference implementation does.
     reverse       -                                                      built-in offline task
     rouge_l_max   stemming=True, alpha=0.5, length_limit=100             NarrativeQA (rouge_l_max)
     sacrebleu     tokenize="13a" ("intl" for IWSLT), lowercase=False     ToTTo, IWSLT 2017 (sacre_bleu)
-    meteor        alpha=0.9, beta=3.0, gamma=0.5                         CommonGen, CNN/DM, DailyDialog (meteor)
+    meteor        alpha=0.9, beta=3.0, gamma=0.5, tokenize="auto"         CommonGen, CNN/DM, DailyDialog (meteor)
     learned       model, label_index=1, batch_size=100,                  IMDB: lvwerra/distilbert-imdb (learned_reward)
                   include_prompt=True
 
@@ -25,6 +25,7 @@ reward functions that need them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -173,24 +174,71 @@ def build_sacrebleu(tokenize: str = "13a", lowercase: bool = False) -> RewardFn:
 # meteor: METEOR (NLTK), max over references (CommonGen, CNN/DM, DailyDialog)
 # --------------------------------------------------------------------------
 
-METEOR_NLTK_DATA = {"wordnet": "corpora/wordnet", "punkt_tab": "tokenizers/punkt_tab"}
+METEOR_NLTK_DATA = {"wordnet": "corpora/wordnet"}
+PUNKT_ENGLISH = "tokenizers/punkt_tab/english/"
+METEOR_TOKENIZERS = ("auto", "word_tokenize", "punkt_free")
 
 
-def build_meteor(alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> RewardFn:
-    """METEOR as Hugging Face's `meteor` metric computes it (RL4LMs' metric):
-    NLTK word tokens, unigram matches by exact form, Porter stem and WordNet
-    synonym; with P, R the matched fractions of output and reference,
+def punkt_available() -> bool:
+    import nltk
+
+    try:
+        nltk.data.find(PUNKT_ENGLISH)
+        return True
+    except LookupError:
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def _meteor_tokenizer(tokenize: str) -> Callable[[str], list[str]]:
+    from nltk.tokenize import NLTKWordTokenizer, word_tokenize
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    if tokenize == "word_tokenize" or (tokenize == "auto" and punkt_available()):
+        return word_tokenize  # the reference: HF `meteor` tokenises with nltk.word_tokenize
+    # punkt_free: what word_tokenize does -- split into sentences, then Treebank-style
+    # words per sentence -- with Punkt's algorithm run without the trained English
+    # model (no learned abbreviations, collocations or sentence starters)
+    sentences, words = PunktSentenceTokenizer(), NLTKWordTokenizer()
+    return lambda text: [token for sentence in sentences.tokenize(text) for token in words.tokenize(sentence)]
+
+
+def meteor_tokens(text: str, tokenize: str = "auto") -> list[str]:
+    """METEOR's word tokens.
+
+    The reference (RL4LMs' MeteorMetric -> HF `meteor` -> nltk.word_tokenize)
+    needs NLTK's trained English Punkt model (punkt_tab), which no Debian or
+    PyPI package ships and which cannot be downloaded offline. `tokenize`:
+      word_tokenize  nltk.word_tokenize (needs punkt_tab);
+      punkt_free     the same pipeline -- Punkt sentence split, then NLTK's
+                     Treebank word tokenizer per sentence -- with an untrained
+                     Punkt. Identical tokens wherever the text has no
+                     abbreviation the English model knows: "Mr. Smith" gives
+                     ["Mr", ".", "Smith"] here, ["Mr.", "Smith"] with punkt_tab
+                     (tests/test_rewards.py pins NLTK's own word_tokenize examples);
+      auto           word_tokenize where punkt_tab is installed, else punkt_free.
+    """
+    return _meteor_tokenizer(tokenize)(text)
+
+
+def build_meteor(alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5, tokenize: str = "auto") -> RewardFn:
+    """METEOR as Hugging Face's `meteor` metric computes it (RL4LMs' metric,
+    apple/ml-rlgrad rl4lms/envs/text_generation/metric.py MeteorMetric):
+    NLTK word tokens (see `meteor_tokens`), unigram matches by exact form
+    (lowercased), Porter stem and WordNet synonym; with P, R the matched
+    fractions of output and reference,
 
         F_mean  = P * R / (alpha * P + (1 - alpha) * R)
         penalty = gamma * (chunks / matches) ** beta
         METEOR  = F_mean * (1 - penalty),   max over references."""
-    from nltk import word_tokenize
     from nltk.translate.meteor_score import meteor_score
+
+    tokens = _meteor_tokenizer(tokenize)
 
     def meteor(prompts: list[str], outputs: list[str], references: list) -> list[Reward]:
         rewards = []
         for output, targets in zip(outputs, references, strict=True):
-            value = meteor_score([word_tokenize(t) for t in _reference_list(targets)], word_tokenize(output),
+            value = meteor_score([tokens(t) for t in _reference_list(targets)], tokens(output),
                                  alpha=alpha, beta=beta, gamma=gamma)
             rewards.append(Reward(value, {"meteor": value}))
         return rewards
@@ -203,6 +251,9 @@ def _check_meteor(args: dict) -> None:
         import nltk
     except ImportError as error:
         raise RewardNotAvailableError("reward 'meteor' needs the nltk package: pip install nltk") from error
+    tokenize = args.get("tokenize", "auto")
+    if tokenize not in METEOR_TOKENIZERS:
+        raise RewardNotAvailableError(f"reward 'meteor': tokenize={tokenize!r}; allowed: {list(METEOR_TOKENIZERS)}")
     missing = []
     for name, resource in METEOR_NLTK_DATA.items():
         try:
@@ -212,11 +263,14 @@ def _check_meteor(args: dict) -> None:
                 nltk.data.find(resource + ".zip")
             except LookupError:
                 missing.append(name)
+    if tokenize == "word_tokenize" and not punkt_available():
+        missing.append("punkt_tab")
     if missing:
         raise RewardNotAvailableError(
-            f"reward 'meteor' needs NLTK data {missing} (WordNet synonyms, punkt tokenizer), which is not installed "
-            f"here (searched {nltk.data.path}). Where a network is reachable run "
-            f"`python -m nltk.downloader {' '.join(missing)}`, or copy an nltk_data directory and set NLTK_DATA."
+            f"reward 'meteor' needs NLTK data {missing}, which is not installed here (searched {nltk.data.path}). "
+            f"Offline on Debian: `apt-get install -y wordnet-base wordnet-sense-index && python -m "
+            f"workloads.text.nltk_data` prepares WordNet in ~/nltk_data; where a network is reachable: "
+            f"`python -m nltk.downloader {' '.join(missing)}`; or copy an nltk_data directory and set NLTK_DATA."
         )
 
 
