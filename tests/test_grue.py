@@ -81,6 +81,8 @@ def local_copies(tmp_path_factory):
     write_parquet(f"{paths['common_gen']}/validation.parquet", [
         {"gem_id": "v", "concept_set_id": 9, "concepts": ["car", "drive"], "target": "he drives a car",
          "references": ["he drives a car", "she drives the car"]}])
+    write_parquet(f"{paths['common_gen']}/test.parquet", [
+        {"gem_id": "t", "concept_set_id": 10, "concepts": ["ski", "slope"], "target": "", "references": []}])
     write_parquet(f"{paths['iwslt2017']}/train.parquet", [
         {"translation": {"de": "danke schön .", "en": "thank you ."}},
         {"translation": {"de": "guten morgen , welt .", "en": "good morning , world ."}},
@@ -120,13 +122,17 @@ def test_totto_subtable_without_then_with_titles_and_all_final_sentences(local_c
     assert test_ex.references == ("",)  # the test split has no references
 
 
-def test_common_gen_prefix_and_one_input_per_concept_set(local_copies):
+def test_common_gen_one_input_per_row_with_its_single_target(local_copies):
+    # custom_text_generation_pools.py CommonGen.prepare: a sample per hub row, references = [target]
     train = examples("common_gen", "train", local_copies["common_gen"])
-    assert len(train) == 5  # six rows, five concept sets
-    assert train[0].source == "generate a sentence with: dog frisbee catch."
-    assert train[0].references == ("the dog catches a frisbee", "a dog jumps to catch a frisbee")
+    assert len(train) == 6  # six rows (concept set 0 twice): six inputs
+    assert train[0].source == train[2].source == "generate a sentence with: dog frisbee catch."
+    assert train[0].references == ("the dog catches a frisbee",)
+    assert train[2].references == ("a dog jumps to catch a frisbee",)
     [val] = examples("common_gen", "validation", local_copies["common_gen"])
-    assert val.references == ("he drives a car", "she drives the car")
+    assert val.references == ("he drives a car",)  # the row's `references` column is not used
+    [test] = examples("common_gen", "test", local_copies["common_gen"])
+    assert test.references == ("empty reference",)  # RL4LMs' stand-in for an empty target
 
 
 def test_iwslt2017_and_cnn_daily_mail_prefixes(local_copies):
@@ -143,6 +149,44 @@ def test_daily_dialog_context_of_five_turns(local_copies):
     assert second.source == "<EOU>".join(DIALOG[1:6]) + " <EOU>"
 
 
+def test_daily_dialog_truncation_side_right_in_extraction_and_sft_left_in_ppo(local_copies):
+    from workloads.text.models import encode_prompts
+    from workloads.text.tokenizer import build_char_tokenizer
+
+    # tokenizer.truncation_side of gpt2_dialog_extract_samples.yml / gpt2_supervised.yml: right;
+    # env.py forces "left" for the PPO environment
+    assert tasks.truncation_side("daily_dialog", "task", False, "extract") == "right"
+    assert tasks.truncation_side("daily_dialog", "task", False, "sft") == "right"
+    assert tasks.truncation_side("daily_dialog", "task", False, "ppo") == "left"
+    assert tasks.truncation_side("imdb", "task", False, "sft") == "left"
+    assert tasks.truncation_side("totto", "task", True, "ppo") == "left"  # t5_ppo.yml leaves env.py's default
+    assert tasks.truncation_side("reverse", "task", False) == "left"
+    assert tasks.truncation_side("daily_dialog", "left", False, "sft") == "left"
+    with pytest.raises(ValueError, match="truncation_side='middle'; allowed"):
+        tasks.truncation_side("daily_dialog", "middle", False)
+    first, _ = examples("daily_dialog", "train", local_copies["daily_dialog"])
+    tok = build_char_tokenizer()
+    [right] = encode_prompts(tok, [first.source], 10, False, truncation_side="right")
+    [left] = encode_prompts(tok, [first.source], 10, False, truncation_side="left")
+    ids = tok(first.source, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 10 and right == ids[:10] and left == ids[-10:]  # right keeps the context's beginning
+
+
+def test_t5_prompts_keep_their_closing_eos_when_cut():
+    from tokenizers import processors
+
+    from workloads.text.models import encode_prompts
+    from workloads.text.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()  # with T5's post-processor "$A </s>", as t5-base's tokenizer has
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 2)])
+    eos = tok.eos_token_id
+    assert encode_prompts(tok, ["abcdef", "ab"], 4, True) == [tok("abc", add_special_tokens=False)["input_ids"] +
+                                                               [eos], tok("ab", add_special_tokens=False)["input_ids"]
+                                                               + [eos]]
+    assert tok.truncation_side == "right"  # the tokenizer's own setting is left as it was
+
+
 def test_imdb_seed_42_split_positive_train_and_half_prompt(local_copies):
     import datasets
 
@@ -153,6 +197,10 @@ def test_imdb_seed_42_split_positive_train_and_half_prompt(local_copies):
     # train = positive reviews of the first 80% of datasets' seed-42 shuffle, validation = the rest
     assert full == [t for t in shuffled[:8] if int(t.split()[1]) % 2 == 1] + shuffled[8:]
     assert train[0].source == " ".join(train[0].source.split(" ")) and len(train[0].source.split(" ")) == 4
+    # IMDB.prepare: the reference is the full review; IMDBForSeq2Seq (SFT): the second half
+    review = f"{train[0].source} {train[0].target}"
+    assert train[0].references == (review,) and train[0].train_references == (train[0].target,)
+    assert tasks.train_references("imdb", train[0]) == [train[0].target]
     assert len(examples("imdb", "test", path)) == 3
 
 
@@ -247,7 +295,7 @@ def test_sft_on_common_gen_evaluates_with_the_configured_reward(tmp_path, local_
         model="builtin:tiny-t5", task="common_gen", dataset_path=local_copies["common_gen"], reward="rouge_l_max",
         max_steps=2, batch_size=2, log_every_steps=1))
     metrics = run_sft(config, local_context(str(tmp_path), show_progress=False))
-    assert metrics["num_train_inputs_used"] == 5 and metrics["step"] == 2
+    assert metrics["num_train_inputs_used"] == 6 and metrics["step"] == 2
     assert 0 <= metrics["eval_rouge_l_f_mean"] <= 1 and metrics["eval_reward_mean"] == metrics["eval_rouge_l_f_mean"]
 
 

@@ -6,14 +6,14 @@ configs (apple/ml-rlgrad rl4lms_scripts/, built on allenai/RL4LMs datapools).
     narrative_qa    deepmind/narrativeqa                        "<question> \\n <summary>", lowercased    both answers, lowercased
     totto           google-research-datasets/totto              highlighted subtable, linearized twice    every final_sentence
                                                                 (without, then with page/section titles)
-    common_gen      GEM/common_gen                              "generate a sentence with: c1 c2 c3."     every target of the concept set
+    common_gen      GEM/common_gen                              "generate a sentence with: c1 c2 c3."     the row's target (one input per row)
     iwslt2017       IWSLT/iwslt2017 (iwslt2017-de-en)           "translate English to German: <en>"       the German sentence
     cnn_daily_mail  abisee/cnn_dailymail (3.0.0)                "Summarize: <article>"                    the highlights
     daily_dialog    li2017dailydialog/daily_dialog              last 5 turns joined by <EOU>, then " <EOU>"  the next turn + "<EOU>"
-    imdb            stanfordnlp/imdb                            first half of the review's words          the second half
+    imdb            stanfordnlp/imdb                            first half of the review's words          the full review (SFT: the second half)
 
-Every example carries all its references; `target` (what SFT trains on) is the
-first one. Prompt length limits (512 tokens, 64 for IMDB, ...) are applied by
+Every example carries all its references; `target` is the first one SFT
+trains on (`train_references`, where SFT's differ: IMDB). Prompt length limits (512 tokens, 64 for IMDB, ...) are applied by
 the workloads when they tokenize (`generation.max_prompt_length`).
 
 Where the data comes from:
@@ -54,8 +54,9 @@ SPLITS = ("train", "validation", "test")
 class TextExample:
     input_id: int  # position of the input in its split (after grouping / filtering)
     source: str  # the full prompt text, prefix included
-    target: str  # the first reference: what SFT trains on
+    target: str  # the first reference SFT trains on
     references: tuple[str, ...]  # all references: what the rewards score against
+    train_references: tuple[str, ...] | None = None  # SFT's references where they differ (IMDB); None = references
 
 
 # --------------------------------------------------------------------------
@@ -89,25 +90,14 @@ def _totto(table, row: int) -> tuple[str, list[str]]:
     return prompt, references
 
 
-def _common_gen_index(table, split: str) -> list[tuple[int, ...]]:
-    # one input per concept set (the hub has one row per (concept set, target)),
-    # so every input carries all its human references
-    groups: dict[Any, list[int]] = {}
-    keys = table["concept_set_id"] if "concept_set_id" in table.column_names else map(tuple, table["concepts"])
-    for row, key in enumerate(keys):
-        groups.setdefault(key, []).append(row)
-    return [tuple(rows) for rows in groups.values()]
-
-
-def _common_gen(table, rows: tuple[int, ...]) -> tuple[str, list[str]]:
-    items = [table[row] for row in rows]
-    prompt = "generate a sentence with: " + " ".join(items[0]["concepts"]) + "."
-    references: list[str] = []
-    for item in items:
-        for reference in [item["target"], *(item.get("references") or [])]:
-            if reference and reference not in references:
-                references.append(reference)
-    return prompt, references or ["empty reference"]  # RL4LMs' stand-in for an empty target
+def _common_gen(table, row: int) -> tuple[str, list[str]]:
+    # apple/ml-rlgrad rl4lms/data_pools/custom_text_generation_pools.py CommonGen.prepare:
+    # one sample per hub row (a concept set appears once per human target), its
+    # single target as the reference; prefix + concepts joined by " " + ".", the
+    # concept_end_token of the reference configs
+    item = table[row]
+    prompt = "generate a sentence with: " + " ".join(item["concepts"]) + "."
+    return prompt, [item["target"] or "empty reference"]  # RL4LMs' stand-in for an empty target
 
 
 def _iwslt2017(table, row: int) -> tuple[str, list[str]]:
@@ -148,9 +138,18 @@ def _imdb_index(table, split: str) -> list[int]:
 
 
 def _imdb(table, row: int) -> tuple[str, list[str]]:
+    # custom_text_generation_pools.py IMDB.prepare (extraction, PPO): prompt = the
+    # first half of the review's space-separated words, reference = the full review
+    text = table[row]["text"]
+    words = text.split(" ")
+    return " ".join(words[: int(len(words) * 0.5)]), [text]
+
+
+def _imdb_train_references(table, row: int) -> list[str]:
+    # custom_text_generation_pools.py IMDBForSeq2Seq.prepare (datapool imdb_seq2seq of
+    # training/imdb/gpt2_supervised.yml): reference = the second half of the words
     words = table[row]["text"].split(" ")
-    half = int(len(words) * 0.5)
-    return " ".join(words[:half]), [" ".join(words[half:])]
+    return [" ".join(words[int(len(words) * 0.5):])]
 
 
 @dataclass(frozen=True)
@@ -161,6 +160,7 @@ class GrueTask:
     build: Callable
     index: Callable = _one_input_per_row
     source_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"), ("test", "test"))
+    train_references: Callable | None = None  # SFT's references, where the reference's SFT datapool differs
 
     def source_split(self, split: str) -> str:
         """The split of the hub dataset (or local copy) that our `split` is carved from."""
@@ -175,14 +175,30 @@ GRUE_TASKS: dict[str, GrueTask] = {
     "totto": GrueTask("google-research-datasets/totto", None,
                       ("table", "highlighted_cells", "table_page_title", "table_section_title",
                        "sentence_annotations"), _totto),
-    "common_gen": GrueTask("GEM/common_gen", None, ("concept_set_id", "concepts", "target", "references"),
-                           _common_gen, _common_gen_index),
+    "common_gen": GrueTask("GEM/common_gen", None, ("concepts", "target"), _common_gen),
     "iwslt2017": GrueTask("IWSLT/iwslt2017", "iwslt2017-de-en", ("translation",), _iwslt2017),
     "cnn_daily_mail": GrueTask("abisee/cnn_dailymail", "3.0.0", ("article", "highlights"), _cnn_daily_mail),
     "daily_dialog": GrueTask("li2017dailydialog/daily_dialog", None, ("dialog",), _daily_dialog,
                              _daily_dialog_index),
     "imdb": GrueTask("stanfordnlp/imdb", None, ("text", "label"), _imdb, _imdb_index,
-                     (("train", "train"), ("validation", "train"), ("test", "test"))),
+                     (("train", "train"), ("validation", "train"), ("test", "test")), _imdb_train_references),
+}
+
+# tokenizer.truncation_side of the reference's extract_samples/*.yml and
+# training/*/*_supervised.yml configs: how extraction and SFT cut a long prompt
+# (utils_supervised.py generate(); tokenize_causal / tokenize_seq2seq).
+REFERENCE_TRUNCATION_SIDE: dict[str, str] = {
+    "narrative_qa": "right", "totto": "right", "common_gen": "right", "iwslt2017": "right",
+    "cnn_daily_mail": "right", "daily_dialog": "right", "imdb": "left",
+}
+
+# env.args.prompt_truncation_side of the reference's PPO / NLPO configs
+# (training/*/*_ppo*.yml, *_nlpo*.yml): how the RL environment cuts a long
+# prompt (observation.py init_from_sample). env.py's default is "left"; the T5
+# configs set "right" except ToTTo's, which leave the default.
+PPO_PROMPT_TRUNCATION_SIDE: dict[str, str] = {
+    "narrative_qa": "right", "totto": "left", "common_gen": "right", "iwslt2017": "right",
+    "cnn_daily_mail": "right", "daily_dialog": "left", "imdb": "left",
 }
 
 
@@ -209,8 +225,11 @@ def get_examples(task: str, split: str, indices: list[int], dataset_path: str | 
     for index in indices:
         if not 0 <= index < len(keys):
             raise IndexError(f"input {index} out of range for split {split!r} of {task!r} ({len(keys)} inputs)")
-        prompt, references = GRUE_TASKS[task].build(table, keys[index])
-        examples.append(TextExample(index, prompt, references[0], tuple(references)))
+        spec = GRUE_TASKS[task]
+        prompt, references = spec.build(table, keys[index])
+        train_references = tuple(spec.train_references(table, keys[index])) if spec.train_references else None
+        examples.append(TextExample(index, prompt, (train_references or references)[0], tuple(references),
+                                    train_references))
     return examples
 
 
@@ -241,7 +260,7 @@ def _split_inputs(task: str, split: str, dataset_path: str | None):
     return table, spec.index(table, split)
 
 
-OPTIONAL_COLUMNS = {"concept_set_id", "references"}  # common_gen: grouped by concepts when absent
+OPTIONAL_COLUMNS: set[str] = set()
 
 
 # --------------------------------------------------------------------------

@@ -86,11 +86,24 @@ def is_encoder_decoder(model) -> bool:
     return bool(unwrap(model).config.is_encoder_decoder)
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encoder_decoder: bool) -> list[list[int]]:
-    """Token ids of prompts, cut to max_prompt_length: a causal prompt keeps its
-    END (where the continuation starts), an encoder prompt keeps its beginning."""
-    ids = tokenizer(prompts, add_special_tokens=encoder_decoder)["input_ids"]
-    return [p[:max_prompt_length] if encoder_decoder else p[-max_prompt_length:] for p in ids]
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encoder_decoder: bool,
+                   truncation_side: str | None = None) -> list[list[int]]:
+    """Token ids of prompts, cut to max_prompt_length tokens on `truncation_side`:
+    by default a causal prompt keeps its END (where the continuation starts), an
+    encoder prompt its beginning. The tokenizer itself truncates, as the
+    reference's does (`tokenizer(text, truncation=True, max_length=...)`, apple/
+    ml-rlgrad rl4lms/envs/text_generation/observation.py, utils_supervised.py):
+    special tokens survive the cut, so a T5 prompt keeps its closing </s>."""
+    side = truncation_side or ("right" if encoder_decoder else "left")
+    if side not in ("left", "right"):
+        raise ValueError(f"truncation_side={side!r}; allowed: 'left', 'right'")
+    previous = tokenizer.truncation_side
+    tokenizer.truncation_side = side
+    try:
+        return tokenizer(prompts, add_special_tokens=encoder_decoder, truncation=True,
+                         max_length=max_prompt_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = previous
 
 
 def encode_targets(tokenizer, targets: list[str]) -> list[list[int]]:

@@ -5,6 +5,8 @@
     choose_inputs(task, split, num_inputs, seed, dataset_path=None) -> [input index]
     prompt_text(task, example, is_encoder_decoder) -> str   # what the model is conditioned on
     references(task, example) -> [str]                      # everything the reward compares against
+    train_references(task, example) -> [str]                # what SFT trains on (one example per reference)
+    truncation_side(task, setting, encoder_decoder, stage) -> 'left' | 'right'  # the reference's cut per stage
     default_reward(task) -> name of the task's reward in workloads.rewards
     default_reward_args(task) -> that reward's arguments (IWSLT: tokenize intl, IMDB: the classifier)
     resolve_reward(task, reward, reward_args) -> (name, args)  # a config's `reward: task` made concrete
@@ -65,6 +67,33 @@ def prompt_text(task: str, example, is_encoder_decoder: bool) -> str:
 def references(task: str, example) -> list[str]:
     """All reference outputs of an example (the built-in task has exactly one)."""
     return list(getattr(example, "references", None) or [example.target])
+
+
+def train_references(task: str, example) -> list[str]:
+    """What SFT trains on: every reference of the example (the reference's SFT
+    datapool; IMDB's is the second half of the review, not the full review)."""
+    return list(getattr(example, "train_references", None) or references(task, example))
+
+
+def truncation_side(task: str, setting: str, encoder_decoder: bool, stage: str = "extract") -> str:
+    """'left' or 'right': which end of a too-long prompt is cut.
+
+    setting 'task' means the reference's side for this task and stage: extraction
+    and SFT use the config's tokenizer.truncation_side (grue.REFERENCE_TRUNCATION_SIDE),
+    PPO the environment's prompt_truncation_side (grue.PPO_PROMPT_TRUNCATION_SIDE,
+    e.g. DailyDialog: right in extraction and SFT, left in PPO). The built-in task
+    keeps a causal prompt's end and an encoder prompt's beginning."""
+    _check(task)
+    if setting in ("left", "right"):
+        return setting
+    if setting != "task":
+        raise ValueError(f"truncation_side={setting!r}; allowed: 'task', 'left', 'right'")
+    if stage not in ("extract", "sft", "ppo"):
+        raise ValueError(f"stage={stage!r}; allowed: 'extract', 'sft', 'ppo'")
+    if task in BUILTIN_TASKS:
+        return "right" if encoder_decoder else "left"
+    table = grue.PPO_PROMPT_TRUNCATION_SIDE if stage == "ppo" else grue.REFERENCE_TRUNCATION_SIDE
+    return table[task]
 
 
 def default_reward(task: str) -> str:
