@@ -33,9 +33,18 @@ def _trial_info(trials: pd.DataFrame) -> pd.DataFrame:
         config = json.loads(row.config) if isinstance(row.config, str) and row.config else {}
         params = json.loads(row.params) if isinstance(row.params, str) and row.params else {}
         label = ", ".join(f"{k}={v}" for k, v in params.items() if k != "init_checkpoint") or row.trial
+        # configs written before the option existed measured the exact full-batch gradient
+        measurement = config.get("grad_norm_measurement", "full_batch_exact")
         rows.append({"trial": row.trial, "stage": row.stage, "opt_method": config.get("opt_method", "?"),
-                     "label": f"{row.stage}: {label}"})
-    return pd.DataFrame(rows, columns=["trial", "stage", "opt_method", "label"]).drop_duplicates("trial")
+                     "label": f"{row.stage}: {label}", "grad_norm_measurement": measurement})
+    return pd.DataFrame(rows, columns=["trial", "stage", "opt_method", "label", "grad_norm_measurement"]
+                        ).drop_duplicates("trial")
+
+
+GRAD_NORM_MEASUREMENTS = {
+    "train_batches": "per training minibatch before its step, train mode, mean over the epoch (the reference's)",
+    "full_batch_exact": "exact gradient of the whole group's mean objective after the epoch, eval mode",
+}
 
 
 def epochs_to_fit(curve: pd.DataFrame, threshold: float = FIT_THRESHOLD):
@@ -55,7 +64,8 @@ def fit_table(metrics: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for row in info.itertuples():
         trial_metrics = metrics[metrics["trial"] == row.trial]
-        out = {"stage": row.stage, "trial": row.trial, "opt_method": row.opt_method, "run": row.label}
+        out = {"stage": row.stage, "trial": row.trial, "opt_method": row.opt_method, "run": row.label,
+               "grad norm measured": row.grad_norm_measurement}
         for group in GROUPS:
             group_metrics = trial_metrics[trial_metrics["split"] == group]
             accuracy = group_metrics[group_metrics["metric"] == "accuracy"]
@@ -99,7 +109,9 @@ def _curves_figure(metrics: pd.DataFrame, info: pd.DataFrame, opt_method: str) -
         fig.update_xaxes(title_text="epoch", row=1, col=col)
         if log_y:
             fig.update_yaxes(type="log", row=1, col=col)
-    fig.update_layout(title=f"opt_method = {opt_method}: modified inputs dashed, unmodified solid")
+    measured = "; ".join(f"{m}: {GRAD_NORM_MEASUREMENTS.get(m, m)}" for m in sorted(set(info["grad_norm_measurement"])))
+    fig.update_layout(title=f"opt_method = {opt_method}: modified inputs dashed, unmodified solid<br>"
+                            f"<sup>gradient norm measured {measured}</sup>")
     return fig
 
 

@@ -387,3 +387,112 @@ def test_digits_sft_fits_modified_labels_and_rft_does_not(tmp_path):
     fit_column = "modified: epochs to accuracy >= 0.99"
     assert isinstance(table.loc["supervised", fit_column], int)
     assert table.loc["expected_reinforce", fit_column] == "not reached"
+    # the report says how the gradient norm was measured (configs without the field: the exact one)
+    assert set(table["grad norm measured"]) == {"full_batch_exact"}
+    assert "exact gradient of the whole group" in figures[0].layout.title.text
+
+
+# ---------------------------------------------------------------- the reference's ResNet18 and measurement
+# apple/ml-rlgrad common/utils/model.py (create_modified_model), sft_vs_rft/train/reinforce_trainer.py and
+# supervised_kl_trainer.py (batch_update), common/evaluation/evaluators/train_batch_output_evaluator.py
+
+
+def test_resnet18_is_torchvisions_with_the_imagenet_stem():
+    model = CM.ResNet18(3, 10)
+    # torchvision's resnet18 has 11,689,512 parameters with its 1000-class fc (512*1000 + 1000):
+    # with fc replaced by a 10-class one: 11,689,512 - 513,000 + 5,130
+    assert sum(p.numel() for p in model.parameters()) == 11_689_512 - 513_000 + 5_130
+    assert (model.conv1.kernel_size, model.conv1.stride, model.conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    assert isinstance(model.maxpool, torch.nn.MaxPool2d) and model.conv1.bias is None
+    names = set(model.state_dict())
+    assert {"layer2.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.weight", "fc.bias"} <= names
+    assert len(names) == 122  # torchvision resnet18's state dict: 122 entries
+    shapes = {}
+    model.maxpool.register_forward_hook(lambda m, i, o: shapes.update(stem=tuple(o.shape)))
+    assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert shapes["stem"] == (2, 64, 8, 8)  # 32 -> 16 (7x7 stride 2) -> 8 (max-pool)
+    cifar = CM.ResNet18(3, 10, stem="cifar")
+    assert cifar.conv1.kernel_size == (3, 3) and isinstance(cifar.maxpool, torch.nn.Identity)
+    assert CM.ResNet18(1, 10).conv1.in_channels == 1  # grayscale: conv1 replaced, as the reference does
+    assert validate_config("controlled", dict(dataset="digits", num_labels_per_sample=1)).model.type == "mlp"
+    from workloads.controlled.config import ControlledResNet18
+
+    assert ControlledResNet18().stem == "imagenet"
+
+
+def _zero_input_data(modified: list[bool], labels: list[int]):
+    n = len(labels)
+    return CD.ControlledData(
+        train_inputs=torch.zeros(n, 4), train_labels=torch.tensor(labels), train_label_sets=torch.tensor(labels)[:, None],
+        train_modified=torch.tensor(modified), test_inputs=torch.zeros(1, 4), test_labels=torch.tensor([0]),
+        test_label_sets=torch.tensor([[0]]), num_classes=10, input_shape=(4,))
+
+
+def test_batch_grad_norms_hand_computed_and_averaged_over_batches():
+    """Linear policy with zero weights and equal biases on zero inputs: pi = uniform over 10
+    classes and only the biases get gradients: d(-log pi_y)/db = 1/10 - e_y. A group of
+    two inputs with different labels: ||1/10 - (e_a + e_b)/2|| = sqrt(2 * 0.4^2 + 8 * 0.1^2)."""
+    config = validate_config("controlled", dict(num_labels_per_sample=1, batch_size=4, learning_rate=1e-3,
+                                                optimizer="sgd"))
+    data = _zero_input_data([True, True, False, False, False, False, True, True], [0, 1, 2, 3, 4, 5, 6, 7])
+    model = CM.MLP(4, [], 10)
+    with torch.no_grad():
+        model.net[-1].weight.zero_()
+        model.net[-1].bias.fill_(0.5)
+    objective = C.Objective(config, data, None)
+    optimizer = C.make_optimizer(config, model)
+    modes = []
+    model.register_forward_pre_hook(lambda m, i: modes.append(m.training))
+    order = torch.arange(8)  # batches {0,1,2,3} and {4,5,6,7}
+    results = C.train_epoch(model, objective, optimizer, config, data, order, None, step=False)
+    pair = (2 * 0.4 ** 2 + 8 * 0.1 ** 2) ** 0.5
+    four = (4 * 0.15 ** 2 + 6 * 0.1 ** 2) ** 0.5  # a batch of 4 distinct labels: 1/10 - 1/4 at four places
+    assert results["modified"]["grad_norm"] == pytest.approx(pair)  # each batch has two modified inputs
+    assert results["unmodified"]["grad_norm"] == pytest.approx(pair)
+    assert results["train"]["grad_norm"] == pytest.approx(four)
+    assert results["train"]["param_norm"] == pytest.approx(0.5 * 10 ** 0.5)
+    assert results["modified"]["normalized_grad_norm"] == pytest.approx(pair / (0.5 * 10 ** 0.5))
+    assert results["train"]["accuracy"] == 0.125  # argmax of a uniform policy: class 0; batch means 1/4 and 0
+    assert all(modes) and len(modes) == 2 * 3  # train mode; per batch: two groups + the batch itself
+    # with steps: the second batch is measured after the first step, and the mean is over both batches
+    results = C.train_epoch(model, objective, optimizer, config, data, order, None, step=True)
+    assert results["train"]["grad_norm"] != pytest.approx(four)
+
+
+def test_reinforce_logs_the_sampled_gradient():
+    """For reinforce the per-batch grad norm is of -r(y) log pi(y|x) at a sampled y: with
+    rewards +1 / -1 its norm differs from the exact expected-reward gradient's, and matches
+    a manual computation drawing the same samples."""
+    config = validate_config("controlled", dict(num_labels_per_sample=1, batch_size=4, opt_method="reinforce",
+                                                optimizer="sgd", learning_rate=1e-3))
+    data = _zero_input_data([False] * 4, [0, 1, 2, 3])
+    torch.manual_seed(3)
+    model = CM.MLP(4, [], 10)
+    objective = C.Objective(config, data, None)
+    results = C.train_epoch(model, objective, C.make_optimizer(config, model), config, data, torch.arange(4),
+                            torch.Generator().manual_seed(5), step=False)
+    generator = torch.Generator().manual_seed(5)
+    norms = []
+    for _ in range(2):  # the unmodified group, then the whole batch: each draws its own samples
+        model.zero_grad()
+        terms, _ = objective.loss_terms(model, data.train_inputs, torch.arange(4), "reinforce", generator)
+        terms.mean().backward()
+        norms.append(C.flat_grad(model).norm().item())
+    assert results["unmodified"]["grad_norm"] == pytest.approx(norms[0])
+    assert results["train"]["grad_norm"] == pytest.approx(norms[1])
+    model.zero_grad()
+    exact, _ = objective.loss_terms(model, data.train_inputs, torch.arange(4), "expected_reinforce")
+    exact.mean().backward()
+    assert C.flat_grad(model).norm().item() != pytest.approx(norms[1])
+
+
+def test_full_batch_exact_measurement_is_kept_as_an_option(tmp_path):
+    base = dict(dataset="digits", num_train_samples=64, num_test_samples=32, num_labels_per_sample=1, num_epochs=1,
+                batch_size=32, opt_method="expected_reinforce")
+    exact = run_one_epoch(tmp_path / "exact", {**base, "grad_norm_measurement": "full_batch_exact"})
+    batches = run_one_epoch(tmp_path / "batches", base)
+    e0 = exact.query("step == 0 and split == 'modified' and metric == 'grad_norm'").value.item()
+    b0 = batches.query("step == 0 and split == 'modified' and metric == 'grad_norm'").value.item()
+    assert e0 > 0 and b0 > 0 and e0 != pytest.approx(b0)  # the two measurements differ and both are logged
+    with pytest.raises(Exception, match="grad_norm_measurement"):
+        validate_config("controlled", {**base, "grad_norm_measurement": "sometimes"})

@@ -32,12 +32,13 @@ class ControlledMLP(StrictConfig):
 
 
 class ControlledResNet18(StrictConfig):
-    """ResNet18 (basic blocks, depths 2-2-2-2) built from transformers' ResNetConfig."""
+    """torchvision's ResNet18 (built in plain torch), only `fc` replaced, as the
+    reference (apple/ml-rlgrad common/utils/model.py create_modified_model)."""
 
     type: Literal["resnet18"] = Field("resnet18", description="model kind")
-    stem: Literal["cifar", "imagenet"] = Field("cifar", description=(
-        "cifar: 3x3 stride-1 stem without max-pool (suits 32x32 images); "
-        "imagenet: the 7x7 stride-2 stem + max-pool the original project used"))
+    stem: Literal["imagenet", "cifar"] = Field("imagenet", description=(
+        "imagenet: torchvision's 7x7 stride-2 conv + 3x3 max-pool stem, what the reference trains (also on 32x32 "
+        "CIFAR10); cifar: a 3x3 stride-1 conv and no max-pool (not the reference; keeps 32x32 resolution)"))
 
 
 class ControlledBertMini(StrictConfig):
@@ -95,6 +96,11 @@ class ControlledConfig(StrictConfig):
     batch_size: int = Field(512, ge=1, description="train inputs per optimiser step (paper: 512)")
     num_epochs: int = Field(5000, ge=1, description="finetune plans: 5,000; pretrain plans: 1,000")
     # bookkeeping
+    grad_norm_measurement: Literal["train_batches", "full_batch_exact"] = Field("train_batches", description=(
+        "train_batches (the reference, sft_vs_rft/train/*_trainer.py): train-set metrics of each group measured on "
+        "every training minibatch before its step, in train mode, averaged over the epoch's batches -- for "
+        "reinforce the sampled REINFORCE gradient; full_batch_exact: after the epoch, in eval mode, the gradient "
+        "of the mean objective over the whole group (reinforce: the exact expected-reward gradient)"))
     log_every_epochs: int = Field(1, ge=1, description="epochs between metric rows (finetune plans validate every epoch)")
     checkpoint_every_epochs: int = Field(100, ge=0, description="epochs between checkpoints; 0 = only at the end")
     eval_batch_size: int = Field(1024, ge=1, description="chunk size of the metric passes")

@@ -135,7 +135,8 @@ def param_norm(model: nn.Module) -> float:
 
 
 def measure(model: nn.Module, objective: Objective, config: ControlledConfig, data: ControlledData) -> dict[str, dict]:
-    """Metrics of the current model: {split: {metric: value}}.
+    """Metrics of the current model, grad_norm_measurement = full_batch_exact (not the
+    reference's measurement; see train_epoch for that): {split: {metric: value}}.
 
     Evaluated in eval mode (BatchNorm running statistics) over the WHOLE group,
     in chunks. The gradient norm of a group is ||grad of the mean objective over
@@ -192,6 +193,75 @@ def measure(model: nn.Module, objective: Objective, config: ControlledConfig, da
     results["test"] = evaluate_test(model, config, data)
     model.train(was_training)
     return results
+
+
+def _group_metrics(config: ControlledConfig, data: ControlledData, index: torch.Tensor, terms: torch.Tensor,
+                   log_probs: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
+    """Means over `index` of what `measure` reports per group, from one forward pass."""
+    with torch.no_grad():
+        targets = data.train_labels[index]
+        if config.use_label_sets:
+            sets = data.train_label_sets[index]
+            loss = -log_probs.gather(1, sets).mean(-1)
+            hit = (sets == log_probs.argmax(-1, keepdim=True)).any(-1)
+        else:
+            loss = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+            hit = log_probs.argmax(-1) == targets
+        return {"objective": terms.mean().item(), "loss": loss.mean().item(), "accuracy": hit.float().mean().item(),
+                "reward": expected_reward(log_probs, rewards).mean().item(),
+                "reward_std": reward_std(log_probs, rewards).mean().item()}
+
+
+def train_epoch(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, config: ControlledConfig,
+                data: ControlledData, order: torch.Tensor, generator: torch.Generator | None,
+                step: bool = True) -> dict[str, dict]:
+    """One pass over the train minibatches in train mode, measuring as the reference
+    does (sft_vs_rft/train/reinforce_trainer.py and supervised_kl_trainer.py
+    batch_update): before each step, the batch's modified and unmodified inputs each
+    get a forward pass, their mean objective's gradient norm (for reinforce with a
+    fresh sample: the sampled REINFORCE gradient), accuracy, reward and reward std;
+    then the batch's own objective is backpropagated, its gradient norm recorded
+    and the optimiser steps. Every metric is averaged over the epoch's batches that
+    have such inputs (common/evaluation/evaluators/train_batch_output_evaluator.py).
+    step=False measures without updating (the epoch-0 row)."""
+    model.train()
+    # train-mode BatchNorm cannot normalise one input (ResNet18's 1x1 last stage): a
+    # group with a single input in a batch is left out of that batch's average
+    min_group = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    sums: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+
+    def add(split: str, values: dict[str, float]) -> None:
+        totals = sums.setdefault(split, {})
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0.0) + value
+        counts[split] = counts.get(split, 0) + 1
+
+    for index in order.split(config.batch_size):
+        theta_norm = param_norm(model)
+        modified = data.train_modified[index]
+        for split, members in (("modified", modified), ("unmodified", ~modified)):
+            if int(members.sum()) < min_group:
+                continue
+            sub = index[members]
+            terms, log_probs = objective.loss_terms(model, take(data.train_inputs, sub), sub, config.opt_method,
+                                                    generator)
+            optimizer.zero_grad(set_to_none=True)
+            terms.mean().backward()
+            grad_norm = flat_grad(model).norm().item()
+            add(split, {**_group_metrics(config, data, sub, terms, log_probs, objective.train_rewards[sub]),
+                        "grad_norm": grad_norm, "normalized_grad_norm": grad_norm / theta_norm})
+        terms, log_probs = objective.loss_terms(model, take(data.train_inputs, index), index, config.opt_method,
+                                                generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms.mean().backward()
+        grad_norm = flat_grad(model).norm().item()
+        add("train", {**_group_metrics(config, data, index, terms, log_probs, objective.train_rewards[index]),
+                      "grad_norm": grad_norm, "normalized_grad_norm": grad_norm / theta_norm, "param_norm": theta_norm})
+        if step:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {split: {k: v / counts[split] for k, v in totals.items()} for split, totals in sums.items()}
 
 
 @torch.no_grad()
@@ -282,8 +352,11 @@ def run_controlled(config: ControlledConfig, ctx: WorkloadContext) -> dict:
             generator.set_state(state["generators"][name].cpu())
         start_epoch = int(state["epoch"])
 
-    def log_and_report(epoch: int, with_checkpoint: bool) -> dict:
-        results = measure(model, objective, config, data)
+    def log_and_report(epoch: int, with_checkpoint: bool, batch_results: dict | None) -> dict:
+        if config.grad_norm_measurement == "train_batches":
+            results = {**batch_results, "test": evaluate_test_mode(model, config, data)}
+        else:
+            results = measure(model, objective, config, data)
         for split, values in results.items():
             ctx.log_metrics(epoch, values, split=split)
         flat = {"epoch": epoch, **{f"{split}/{k}": v for split, values in results.items() for k, v in values.items()}}
@@ -301,21 +374,57 @@ def run_controlled(config: ControlledConfig, ctx: WorkloadContext) -> dict:
                   flush=True)
         return flat
 
+    num_train = data.train_labels.shape[0]
+
+    def epoch_order() -> torch.Tensor:
+        return torch.randperm(num_train, generator=generators["batch_order"]).to(device)
+
+    def measured_pass(step: bool) -> dict | None:
+        if config.grad_norm_measurement != "train_batches":
+            return None
+        return train_epoch(model, objective, optimizer, config, data, epoch_order(), generators["samples"], step)
+
     last = None
     if start_epoch == 0:
-        last = log_and_report(0, with_checkpoint=False)  # the starting point: initial grad norms
-    num_train = data.train_labels.shape[0]
+        # the starting point: initial grad norms (train_batches: a pass over the
+        # batches of a separate order, without steps; BatchNorm statistics restored)
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        before = None
+        if config.grad_norm_measurement == "train_batches":
+            with torch.random.fork_rng(devices=[]):
+                order = torch.randperm(num_train, generator=torch.Generator().manual_seed(config.init_rnd_seed + 2))
+                sample_state = generators["samples"].get_state()
+                before = train_epoch(model, objective, optimizer, config, data, order.to(device), generators["samples"],
+                                     step=False)
+                generators["samples"].set_state(sample_state)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+        last = log_and_report(0, with_checkpoint=False, batch_results=before)
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        model.train()
-        order = torch.randperm(num_train, generator=generators["batch_order"]).to(device)
-        for index in order.split(config.batch_size):
-            terms, _ = objective.loss_terms(model, take(data.train_inputs, index), index, config.opt_method,
-                                            generators["samples"])
-            optimizer.zero_grad(set_to_none=True)
-            terms.mean().backward()
-            optimizer.step()
+        if config.grad_norm_measurement == "train_batches":
+            batch_results = measured_pass(step=True)
+        else:
+            model.train()
+            batch_results = None
+            for index in epoch_order().split(config.batch_size):
+                terms, _ = objective.loss_terms(model, take(data.train_inputs, index), index, config.opt_method,
+                                                generators["samples"])
+                optimizer.zero_grad(set_to_none=True)
+                terms.mean().backward()
+                optimizer.step()
         is_last = epoch == config.num_epochs
         wants_checkpoint = is_last or (config.checkpoint_every_epochs > 0 and epoch % config.checkpoint_every_epochs == 0)
         if wants_checkpoint or epoch % config.log_every_epochs == 0:
-            last = log_and_report(epoch, with_checkpoint=wants_checkpoint)
+            last = log_and_report(epoch, with_checkpoint=wants_checkpoint, batch_results=batch_results)
     return last or {}
+
+
+def evaluate_test_mode(model: nn.Module, config: ControlledConfig, data: ControlledData) -> dict[str, float]:
+    """Test metrics in eval mode (the reference's SupervisedValidationEvaluator)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_test(model, config, data)
+    finally:
+        model.train(was_training)
