@@ -161,24 +161,24 @@ def _cmd_import(args) -> int:
 
     from .spec import parse_spec
 
+    from .import_notes import notes_table, render
+
     try:
         if args.source.endswith(".json"):
-            from .import_plan import import_plan_file
+            from .import_plan import import_plan_file_with_notes
 
-            spec = import_plan_file(args.source, args.sweep, args.pretrain_plan)
+            spec, notes = import_plan_file_with_notes(args.source, args.sweep, args.pretrain_plan)
         else:
-            from .import_rl4lms import import_rl4lms_file
+            from .import_rl4lms import import_rl4lms_file_with_notes
 
-            spec = import_rl4lms_file(args.source)
+            spec, notes = import_rl4lms_file_with_notes(args.source, args.sft_config)
             if args.sweep:
                 spec["sweep"] = args.sweep
     except OSError as e:
         raise SpecError(f"{args.source}: cannot read it: {e.strerror}") from None
-    text = f"# imported by `rlgrad import` from {args.source}\n" + yaml.safe_dump(spec, sort_keys=False)
-    from workloads.core.availability import hub_assumed_reachable
-
-    with hub_assumed_reachable():  # data and models are checked where the sweep runs (`rlgrad run`)
-        parse_spec(text, source=args.output or "<imported>")  # refuse to write what `rlgrad run` would refuse
+    text = render(spec, notes, args.source)
+    _validate_imported(text, spec, args.output or "<imported>")
+    sys.stderr.write(notes_table(notes))
     if args.output:
         if os.path.exists(args.output) and not args.force:
             raise SpecError(f"{args.output} exists; pass --force to overwrite it")
@@ -188,6 +188,42 @@ def _cmd_import(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _validate_imported(text: str, spec: dict, source: str) -> None:
+    """Refuse to write what `rlgrad run` would refuse -- except what only the machine
+    that runs the sweep must have (hub, datasets, WordNet), and the config of a stage
+    whose workload is not registered yet (NLPO): its PPO part is validated, the rest
+    deferred, and that is said."""
+    import yaml
+
+    from workloads import WORKLOADS, validate_config
+    from workloads.core.availability import runtime_data_assumed
+
+    from .import_rl4lms import NLPO_FIELDS
+    from .spec import parse_spec
+
+    with runtime_data_assumed():
+        unregistered = [s for s in spec["stages"] if s["workload"] not in WORKLOADS]
+        if not unregistered:
+            parse_spec(text, source=source)
+            return
+        for stage in unregistered:
+            if stage["workload"] != "nlpo":
+                raise SpecError(f"{source}: stage {stage['name']!r}: unknown workload {stage['workload']!r}")
+            ppo_part = {k: v for k, v in stage["config"].items() if k not in NLPO_FIELDS.values()}
+            ppo_part.setdefault("model", "@sft/trial")  # from_stage fills it in
+            try:
+                validate_config("ppo", ppo_part)
+            except Exception as error:  # pydantic's ValidationError: say which stage
+                raise SpecError(f"{source}: stage {stage['name']!r} (PPO part): {error}") from None
+        registered = {**spec, "stages": [s for s in spec["stages"] if s["workload"] in WORKLOADS]}
+        if registered["stages"]:
+            parse_spec(yaml.safe_dump(registered, sort_keys=False), source=source)
+        names = ", ".join(repr(s["name"]) for s in unregistered)
+        sys.stderr.write(f"rlgrad import: stage(s) {names} use workload 'nlpo', not registered yet: their PPO "
+                         f"fields validated, the NLPO fields ({', '.join(NLPO_FIELDS.values())}) deferred "
+                         "(docs/fidelity.md)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(rl4lms_scripts/**.yml). The result is validated like `rlgrad run` would.")
     imp.add_argument("source")
     imp.add_argument("-o", "--output", help="write the sweep file here (default: print it)")
-    imp.add_argument("--sweep", help="name of the sweep (default: from the file name)")
+    imp.add_argument("--sweep", help="name of the sweep (default: task + algorithm + variant, e.g. "
+                                     "rl4lms_common_gen_nlpo_on_supervised, controlled_mlp_mnist_finetune_sgd)")
     imp.add_argument("--pretrain-plan", help="plan JSON: the pretraining plan that a finetune plan starts from")
+    imp.add_argument("--sft-config", help="RL4LMs *_supervised.yml for a *_on_supervised config (default: the "
+                                          "<model>_supervised.yml beside it)")
     imp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     imp.set_defaults(func=_cmd_import)
     return parser

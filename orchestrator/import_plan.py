@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import json
 
+from .import_notes import Note, provenance
+
 # original field -> ControlledConfig field (dotted for nested ones)
 FIELD_MAP = {
     "dataset": "dataset",
@@ -108,7 +110,11 @@ def _set_dotted(config: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _configuration_to_stage(configuration: dict, name: str, where: str) -> tuple[dict, str | None]:
+IGNORED_WHY = "the original trainer's bookkeeping (logging, plots, W&B, checkpoints, early stopping, GPU ids)"
+
+
+def _configuration_to_stage(configuration: dict, name: str, where: str,
+                            notes: list | None = None) -> tuple[dict, str | None]:
     """A stage dict and the checkpoint path it loads ('' / None: none, placeholder: from a pretrain stage)."""
     unknown_keys = set(configuration) - {"base_config", "options"}
     if unknown_keys:
@@ -126,16 +132,27 @@ def _configuration_to_stage(configuration: dict, name: str, where: str) -> tuple
         raise PlanImportError(f"{where}.change_label_per_class = true: not supported (the original experiment ignores it too)")
     model_type = _map_value("model_type", merged.get("model_type", "mlp"), where)
 
+    notes = notes if notes is not None else []
     config: dict = {}
     for field, value in merged.items():
+        if field in IGNORED_FIELDS:
+            notes.append(Note(f"{where}.{field}", value, name, None, IGNORED_WHY))
         if field not in FIELD_MAP:
             continue
         if field == "mlp_hidden_layer_sizes" and model_type != "mlp":
-            continue  # the original carries MLP sizes in every plan; only the MLP uses them
-        _set_dotted(config, FIELD_MAP[field], _map_value(field, value, where))
+            # the original carries MLP sizes in every plan; only the MLP uses them
+            notes.append(Note(f"{where}.{field}", value, name, None, f"used only by the MLP; model is {model_type}"))
+            continue
+        mapped = _map_value(field, value, where)
+        _set_dotted(config, FIELD_MAP[field], mapped)
+        if mapped != value or field == "kl_reg_ref_unif":
+            notes.append(Note(f"{where}.{field}", value, name, FIELD_MAP[field], f"= {mapped!r}"))
     # the original saves a checkpoint every `save_every_num_val` validations
     if "save_every_num_val" in merged:
         config["checkpoint_every_epochs"] = int(merged["save_every_num_val"]) * int(merged.get("validate_every", 1))
+        notes.append(Note(f"{where}.save_every_num_val", merged["save_every_num_val"], name, "checkpoint_every_epochs",
+                          f"a checkpoint every save_every_num_val x validate_every = {config['checkpoint_every_epochs']} "
+                          "epochs"))
 
     search_grid = {}
     for field, values in grid.items():
@@ -150,6 +167,9 @@ def _configuration_to_stage(configuration: dict, name: str, where: str) -> tuple
     # the MLP runs on CPU; ResNet18 and BERT-mini ran on a GPU in the reference plans
     stage["scaling"] = ({"num_workers": 1, "use_gpu": False} if model_type == "mlp"
                         else {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 1})
+    if merged.get("load_model_from_checkpoint") == PLACEHOLDER_CHECKPOINT:
+        notes.append(Note(f"{where}.load_model_from_checkpoint", PLACEHOLDER_CHECKPOINT, name, "from_stage",
+                          "the pretrain stage's checkpoint"))
     return stage, merged.get("load_model_from_checkpoint") or None
 
 
@@ -164,7 +184,7 @@ def _pretrain_stage_for(finetune: dict) -> dict:
     return {"name": "pretrain", "workload": "controlled", "config": config, "scaling": copy.deepcopy(finetune["scaling"])}
 
 
-def _plan_stages(plan: dict, default_name: str) -> list[tuple[dict, str | None]]:
+def _plan_stages(plan: dict, default_name: str, notes: list | None = None) -> list[tuple[dict, str | None]]:
     unknown = set(plan) - IGNORED_PLAN_KEYS - {"configurations", "repetitions"}
     if unknown:
         raise PlanImportError(f"plan: unknown key(s) {sorted(unknown)}")
@@ -176,7 +196,7 @@ def _plan_stages(plan: dict, default_name: str) -> list[tuple[dict, str | None]]
     stages = []
     for i, configuration in enumerate(configurations):
         name = default_name if len(configurations) == 1 else f"{default_name}_{i}"
-        stages.append(_configuration_to_stage(configuration, name, f"configurations[{i}]"))
+        stages.append(_configuration_to_stage(configuration, name, f"configurations[{i}]", notes))
     return stages
 
 
@@ -185,47 +205,72 @@ def _is_pretrain(stage: dict) -> bool:
 
 
 def plan_to_spec(plan: dict, sweep_name: str, pretrain_plan: dict | None = None) -> dict:
-    """The sweep spec (a dict in the YAML format) of an original experiment plan.
+    return plan_to_spec_with_notes(plan, sweep_name, pretrain_plan)[0]
+
+
+def plan_to_spec_with_notes(plan: dict, sweep_name: str, pretrain_plan: dict | None = None,
+                            source: str | None = None) -> tuple[dict, list[Note]]:
+    """The sweep spec (a dict in the YAML format) of an original experiment plan, and
+    the notes of every value translated or dropped.
 
     A finetune plan whose configs load a checkpoint gets a pretrain stage in
     front -- `pretrain_plan`'s when given, otherwise one built with the
     reference pretrain settings -- and starts from it with `from_stage`."""
+    notes: list[Note] = []
     stages: list[dict] = []
     if pretrain_plan is not None:
-        pre = _plan_stages(pretrain_plan, "pretrain")
+        pre = _plan_stages(pretrain_plan, "pretrain", notes)
         if len(pre) != 1 or not _is_pretrain(pre[0][0]):
             raise PlanImportError("pretrain_plan: expected one configuration with use_multiple_labels_per_sample true")
         stages.append(pre[0][0])
 
     probe = _plan_stages(plan, "stage")
     default_name = "pretrain" if all(_is_pretrain(s) for s, _ in probe) else "finetune"
-    for stage, checkpoint in _plan_stages(plan, default_name):
+    for stage, checkpoint in _plan_stages(plan, default_name, notes):
         if checkpoint and checkpoint != PLACEHOLDER_CHECKPOINT:
             stage["config"]["init_checkpoint"] = checkpoint  # a real path: keep it
         elif checkpoint:
             if not stages:
                 stages.append(_pretrain_stage_for(stage))
+                notes.append(Note("load_model_from_checkpoint", PLACEHOLDER_CHECKPOINT, "pretrain", "workload",
+                                  "no pretrain plan given: a pretrain stage with the reference pretrain plans' "
+                                  "settings (1,000 epochs of label-set CE, Adam 1e-4)"))
             stage["from_stage"] = stages[0]["name"]
             stage = {k: stage[k] for k in ("name", "workload", "from_stage", "config", "search", "scaling") if k in stage}
         stages.append(stage)
+    for key in sorted(set(plan) & IGNORED_PLAN_KEYS):
+        notes.append(Note(f"plan.{key}", plan[key], stages[-1]["name"], None, "the plan runner's bookkeeping"))
 
     description = " ".join(s for s in (plan.get("name", ""), plan.get("description", "")) if s).strip()
-    return {"sweep": sweep_name, "description": description or "imported from an ml-rlgrad plan", "stages": stages}
+    if source is not None:
+        description = f"{provenance(source)}: {description}" if description else provenance(source)
+    return ({"sweep": sweep_name, "description": description or "imported from an ml-rlgrad plan", "stages": stages},
+            notes)
+
+
+def plan_sweep_name(path: str) -> str:
+    """controlled_<model>_<dataset>_<variant> from sft_vs_rft_<model>_<dataset>_<variant>_experiments_plan.json."""
+    import os
+
+    base = os.path.basename(path)
+    for suffix in (".json", "_experiments_plan"):
+        base = base[: -len(suffix)] if base.endswith(suffix) else base
+    base = base[len("sft_vs_rft_"):] if base.startswith("sft_vs_rft_") else base
+    return f"controlled_{base}"
 
 
 def import_plan_file(path: str, sweep_name: str | None = None, pretrain_plan_path: str | None = None) -> dict:
-    """plan_to_spec of a plan JSON file; the sweep is named after the file unless given."""
-    import os
+    return import_plan_file_with_notes(path, sweep_name, pretrain_plan_path)[0]
 
+
+def import_plan_file_with_notes(path: str, sweep_name: str | None = None,
+                                pretrain_plan_path: str | None = None) -> tuple[dict, list[Note]]:
+    """plan_to_spec of a plan JSON file; the sweep is named controlled_<model>_<dataset>_<variant>
+    after the file unless given."""
     with open(path, encoding="utf-8") as f:
         plan = json.load(f)
     pretrain_plan = None
     if pretrain_plan_path is not None:
         with open(pretrain_plan_path, encoding="utf-8") as f:
             pretrain_plan = json.load(f)
-    if sweep_name is None:
-        base = os.path.basename(path)
-        for suffix in (".json", "_experiments_plan"):
-            base = base[: -len(suffix)] if base.endswith(suffix) else base
-        sweep_name = base
-    return plan_to_spec(plan, sweep_name, pretrain_plan)
+    return plan_to_spec_with_notes(plan, sweep_name or plan_sweep_name(path), pretrain_plan, source=path)

@@ -78,7 +78,7 @@ def test_finetune_plan_with_its_pretrain_plan(tmp_path):
     finetune_path.write_text(json.dumps(FINETUNE_SGD))
     pretrain_path.write_text(json.dumps(PRETRAIN))
     spec = import_plan_file(str(finetune_path), pretrain_plan_path=str(pretrain_path))
-    assert spec["sweep"] == "sft_vs_rft_mlp_mnist_finetune_sgd"
+    assert spec["sweep"] == "controlled_mlp_mnist_finetune_sgd"
     pretrain, finetune = spec["stages"]
     assert finetune["from_stage"] == "pretrain" and "init_checkpoint" not in finetune["config"]
     assert finetune["search"] == {"grid": {"opt_method": ["expected_reinforce", "supervised"]}}
@@ -151,11 +151,15 @@ def test_rlgrad_import_writes_a_sweep_that_validates(tmp_path, capsys):
     source.write_text(json.dumps(FINETUNE_SGD))
     out = tmp_path / "mine.yaml"
     assert main(["import", str(source), "-o", str(out)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out
     text = out.read_text()
-    assert text.startswith("# imported by `rlgrad import`")
+    assert text.startswith(f"# imported from apple/ml-rlgrad {source.name}\n# imported by `rlgrad import`")
     spec = yaml.safe_load(text)
-    assert spec["sweep"] == "mine"
+    assert spec["sweep"] == "controlled_mine" and spec["description"].startswith("imported from apple/ml-rlgrad")
+    # dropped bookkeeping is a comment under `config:` and a row of the printed table
+    assert "# configurations[0].use_wandb: false -> dropped: the original trainer's bookkeeping" in text
+    assert "save_every_num_val" in captured.err and "checkpoint_every_epochs" in captured.err
     assert main(["import", str(source), "-o", str(out)]) == 2  # no silent overwrite
     assert "exists; pass --force" in capsys.readouterr().err
     bad = tmp_path / "bad.json"

@@ -91,7 +91,8 @@ def test_extract_samples_config(tmp_path):
     path.write_text(EXTRACT_IWSLT)
     spec = import_rl4lms_file(str(path))
     stage = only_stage(spec)
-    assert spec["sweep"] == "t5_iwslt2017_extract_samples" and stage["workload"] == "extract"
+    assert spec["sweep"] == "rl4lms_iwslt2017_extract" and stage["workload"] == "extract"
+    assert spec["description"] == "imported from apple/ml-rlgrad t5_iwslt2017_extract_samples.yml"
     assert stage["config"] == {
         "model": "t5-base", "task": "iwslt2017", "num_samples_per_input": 10, "num_inputs": 5000, "seed": 7,
         "generation": {"top_k": 10, "max_new_tokens": 128, "max_prompt_length": 128},
@@ -149,15 +150,16 @@ train_evaluation: {eval_batch_size: 64, n_iters: 50, eval_every: 10, save_every:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c["alg"]["training_args"].update(lr_scheduler_type="cosine"),
-     r"alg.training_args.lr_scheduler_type='cosine' is not supported"),
+    (lambda c: c["alg"]["training_args"].update(lr_scheduler_type="polynomial"),
+     r"alg.training_args.lr_scheduler_type='polynomial' is not supported; supported: \['constant'"),
     (lambda c: c["alg"]["training_args"].update(gradient_accumulation_steps=4),
      r"field 'alg.training_args.gradient_accumulation_steps' is not supported"),
     (lambda c: c["datapool"].update(id="xsum"), r"datapool.id='xsum' is not supported"),
     (lambda c: c["datapool"].update(args={"context_size": 3}),
      r"datapool.args.context_size is not supported for datapool 'narrative_qa'"),
-    (lambda c: c["tokenizer"].update(truncation_side="left"), r"tokenizer.truncation_side='left' is not supported"),
-    (lambda c: c["alg"].update(id="nlpo"), r"alg.id='nlpo' is not supported"),
+    (lambda c: c["tokenizer"].update(truncation_side="left"),
+     r"tokenizer.truncation_side='left' is not supported for 'narrative_qa'"),
+    (lambda c: c["alg"].update(id="a2c"), r"alg.id='a2c' is not supported"),
     (lambda c: c.update(wandb={"project": "x"}), r"field 'wandb.project' is not supported"),
 ])
 def test_unsupported_fields_are_named(edit, message):
@@ -170,7 +172,7 @@ def test_unsupported_fields_are_named(edit, message):
 def test_ppo_on_supervised_placeholder_and_beam_search_are_named():
     config = copy.deepcopy(PPO_NARRATIVE_QA)
     config["alg"]["policy"]["args"]["model_name"] = "_"
-    with pytest.raises(Rl4lmsImportError, match="placeholder .* `from_stage: sft`"):
+    with pytest.raises(Rl4lmsImportError, match="placeholder for a supervised checkpoint: give the task's supervised"):
         rl4lms_to_spec(config, "x")
     config = copy.deepcopy(PPO_NARRATIVE_QA)
     config["alg"]["policy"]["args"]["generation_kwargs"]["num_beams"] = 4

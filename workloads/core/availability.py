@@ -52,6 +52,27 @@ def hub_assumed_reachable():
         _assume_hub_reachable = previous
 
 
+_assume_runtime_data = False
+
+
+@contextlib.contextmanager
+def runtime_data_assumed():
+    """Check names, types and values but not what only the machine that runs the
+    sweep must have: hub access and local data such as METEOR's WordNet
+    (`rlgrad import` writes files that run elsewhere)."""
+    global _assume_runtime_data
+    previous, _assume_runtime_data = _assume_runtime_data, True
+    try:
+        with hub_assumed_reachable():
+            yield
+    finally:
+        _assume_runtime_data = previous
+
+
+def runtime_data_is_assumed() -> bool:
+    return _assume_runtime_data
+
+
 def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
