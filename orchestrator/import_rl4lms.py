@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from .spec import _YamlLoader as YamlLoader
+from .spec import YamlLoader
 
 # RL4LMs datapool id -> (rlgrad task, datapool arguments and the only values rlgrad implements)
 DATAPOOLS: dict[str, tuple[str, dict[str, Any]]] = {

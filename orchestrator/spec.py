@@ -106,7 +106,7 @@ class SweepSpec(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-class _YamlLoader(yaml.SafeLoader):
+class YamlLoader(yaml.SafeLoader):
     """safe_load, plus YAML 1.2 numbers: PyYAML alone reads `1e-4` as a string."""
 
 
@@ -119,12 +119,12 @@ def _construct_number(loader, node):
     return loader.construct_yaml_float(node)  # PyYAML's own forms: 1.5, .nan, .inf
 
 
-_YamlLoader.add_implicit_resolver(
+YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$"),
     list("-+0123456789."),
 )
-_YamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+YamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
 
 
 def _loc(parts) -> str:
@@ -217,7 +217,7 @@ def load_spec(path: str) -> tuple[SweepSpec, str]:
 
 def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
     try:
-        raw = yaml.load(text, Loader=_YamlLoader)
+        raw = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -60,6 +60,11 @@ class ShardWriter:
         fs, path = self._path(table, shard)
         return fs.get_file_info(path).type == pafs.FileType.File
 
+    def read(self, table: str, shard: str, columns: list[str]) -> list[dict]:
+        """Rows of a shard this trial wrote (a resumed worker reuses them)."""
+        fs, path = self._path(table, shard)
+        return pq.read_table(path, filesystem=fs, columns=columns).to_pylist()
+
     def write(self, table: str, shard: str, rows) -> str:
         fs, path = self._path(table, shard)
         write_parquet_atomic(fs, path, to_table(table, rows, self.identity))

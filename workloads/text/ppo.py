@@ -28,7 +28,7 @@ same optimiser steps; its loss does not flow back into the language model.
 Dropout stays off throughout: π_old and π_θ must be the same function before the
 first update, or ρ_t ≠ 1 from noise alone.
 
-Before training and at the end (and every `eval_every` rollouts) a FIXED monitor
+Before training and at the end (and every `eval_every_rollouts` rollouts) a FIXED monitor
 set -- the first `num_eval_inputs` inputs of the train pool -- gets K samples
 each, written as `samples` and `inputs` rows at that step: per-input reward
 improvement against initial reward std is the paper's evidence.
@@ -48,8 +48,8 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -59,11 +59,10 @@ from tqdm.auto import tqdm
 from ..core.context import WorkloadContext
 from .ppo_config import PPOConfig
 from .gradnorm import per_input_grad_norms, reward_stats
-from .models import _pad as pad_rows  # the padding token_log_probs uses: the same alignment
-from .models import (encode_prompts, generate_outputs, load_model_and_tokenizer, sequence_log_probs,
-                     token_log_probs, unwrap)
+from .models import load_model_and_tokenizer, output_logits, sequence_log_probs, token_log_probs
 from .rewards import get_reward
-from .tasks import choose_inputs, get_examples, prompt_text, references, resolve_reward
+from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
+from .tasks import choose_inputs, get_examples, resolve_reward
 
 VALUE_HEAD_FILE = "value_head.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -193,29 +192,9 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, prompt_ids: list[list[int]], output_ids: list[list[int]]):
-        """For every output token t: log π(y_t|s_t), entropy of π(·|s_t) and V(s_t).
-
-        Same alignment as workloads.models.token_log_probs (which only returns the
-        log-probs): causal prompts left-padded with positions counting real tokens,
-        the logit/hidden state at position i predicts token i+1; seq2seq decoder
-        input = [start] + y[:-1]. Returns (log_probs, entropy, values, mask), [B, T]."""
-        device = self.value_head.weight.device
-        outputs, output_mask = pad_rows(output_ids, left=False, device=device)
-        if self.lm.config.is_encoder_decoder:
-            encoder_ids, encoder_mask = pad_rows(prompt_ids, left=False, device=device)
-            start = torch.full_like(outputs[:, :1], self.lm.config.decoder_start_token_id)
-            result = self.lm(input_ids=encoder_ids, attention_mask=encoder_mask,
-                             decoder_input_ids=torch.cat([start, outputs[:, :-1]], dim=1),
-                             decoder_attention_mask=output_mask, output_hidden_states=True)
-            logits, hidden = result.logits, result.decoder_hidden_states[-1]
-        else:
-            prompts, prompt_mask = pad_rows(prompt_ids, left=True, device=device)
-            attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
-            result = self.lm(input_ids=torch.cat([prompts, outputs], dim=1), attention_mask=attention_mask,
-                             position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
-                             output_hidden_states=True)
-            window = slice(prompts.shape[1] - 1, prompts.shape[1] - 1 + outputs.shape[1])
-            logits, hidden = result.logits[:, window], result.hidden_states[-1][:, window]
+        """For every output token t: log π(y_t|s_t), entropy of π(·|s_t) and V(s_t), aligned
+        as workloads.text.models.output_logits aligns them. Returns (log_probs, entropy, values, mask), [B, T]."""
+        logits, outputs, output_mask, hidden = output_logits(self.lm, prompt_ids, output_ids, with_hidden=True)
         mask = output_mask.to(torch.float32)
         all_log_probs = torch.log_softmax(logits.float(), dim=-1)
         log_probs = all_log_probs.gather(-1, outputs.unsqueeze(-1)).squeeze(-1) * mask
@@ -245,159 +224,358 @@ def bucket_of(std: float, buckets: list[tuple[str, float, float]]) -> str:
 
 
 # ============================================================================
+# What one run holds, and how it starts (fresh or from a checkpoint).
+# ============================================================================
+
+
+@dataclass
+class PPORun:
+    config: PPOConfig
+    ctx: WorkloadContext
+    device: torch.device
+    distributed: bool
+    tokenizer: object
+    actor_critic: PolicyWithValueHead
+    train_model: nn.Module  # actor_critic, wrapped in DistributedDataParallel under torch.distributed
+    reference: nn.Module  # π_ref: the frozen initial policy
+    optimizer: torch.optim.Optimizer
+    reward_fn: object
+    pool: list[int]  # the train inputs rollouts draw from; the monitor set is its head
+    step: int = 0  # rollouts done
+    kl_coef: float = 0.0  # β, moved by the KL controller
+    initial_monitor_std: dict[int, float] = field(default_factory=dict)  # monitor input -> reward std at step 0
+
+    @property
+    def lm(self):
+        return self.actor_critic.lm
+
+    @property
+    def monitor_ids(self) -> list[int]:
+        return self.pool[: self.config.num_eval_inputs]
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            tensor = tensor.to(self.device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(tensor)
+        return tensor.cpu()
+
+    def prompts(self, input_ids: list[int]) -> tuple[list, Prompts]:
+        examples = get_examples(self.config.task, "train", input_ids, self.config.dataset_path)
+        return examples, prompts_of(self.config.task, examples, self.tokenizer,
+                                    self.config.generation.max_prompt_length, self.lm.config.is_encoder_decoder)
+
+    def sample(self, prompts: Prompts) -> ScoredSamples:
+        return sample_and_score(self.lm, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
+                                self.config.generation)
+
+    def grad_norms(self, prompts: Prompts, scored: ScoredSamples) -> list[float | None]:
+        """Each input's leave-one-out policy-gradient norm (workloads.text.gradnorm), or None when off."""
+        if not self.config.monitor_grad_norm:
+            return [None] * len(prompts.ids)
+        return per_input_grad_norms(self.lm, prompts.ids, scored.outputs_by_input(), scored.reward_matrix).tolist()
+
+
+def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
+    """The policy (resumed or initial), its value head, the frozen reference, the optimiser and the data."""
+    if config.inputs_per_rollout % ctx.world_size:
+        raise ValueError(f"inputs_per_rollout ({config.inputs_per_rollout}) must be a multiple of the "
+                         f"{ctx.world_size} workers (every rank takes the same number of inputs)")
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    device = torch.device(ctx.device)
+    resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
+    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device)
+    reference, _ = load_model_and_tokenizer(config.model, device)  # π_ref = the initial policy, always
+    reference.eval().requires_grad_(False)
+    actor_critic = PolicyWithValueHead(lm).to(device)
+    actor_critic.eval()  # dropout off: see the module docstring
+    optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    run = PPORun(config, ctx, device, distributed, tokenizer, actor_critic, actor_critic, reference, optimizer,
+                 reward_fn=get_reward(*resolve_reward(config.task, config.reward, config.reward_args)),
+                 pool=choose_inputs(config.task, "train", config.num_train_inputs, config.seed, config.dataset_path),
+                 kl_coef=config.kl_coef)
+    if resuming:
+        load_checkpoint(run, ctx.resume_from)
+    if distributed:  # after loading: DDP broadcasts rank 0's parameters when it wraps them
+        run.train_model = DistributedDataParallel(actor_critic)
+    return run
+
+
+# ============================================================================
+# One PPO iteration: rollout, KL-penalised advantages, updates, controller.
+# ============================================================================
+
+
+@dataclass
+class Rollout:
+    prompts: Prompts  # this rank's slice of the step's inputs
+    scored: ScoredSamples  # K completions each, with task rewards
+    completion_prompt_ids: list[list[int]]  # each completion's prompt ids (prompt-major, K per input)
+
+
+@dataclass
+class Targets:
+    """What the update compares against, fixed for all ppo_epochs: π_old, V_old, A_t, G_t."""
+
+    old_log_probs: torch.Tensor
+    old_values: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    token_kl: torch.Tensor  # log π_old - log π_ref per output token
+
+
+UPDATE_STATISTICS = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl")
+
+
+def collect_rollout(run: PPORun, step: int) -> Rollout:
+    """1. This rank's slice of the step's inputs (the same draw on every rank), K completions each."""
+    input_ids = random.Random(run.config.seed * 1_000_003 + step).sample(run.pool, run.config.inputs_per_rollout)
+    _, prompts = run.prompts(run.ctx.my_items(input_ids))
+    scored = run.sample(prompts)
+    return Rollout(prompts, scored, [p for p in prompts.ids for _ in range(run.config.num_samples_per_input)])
+
+
+def penalised_advantages(run: PPORun, rollout: Rollout) -> Targets:
+    """2. KL penalty and 3. GAE, with π_old, π_ref and V_old fixed for the whole update."""
+    config = run.config
+    with torch.no_grad():
+        old_log_probs, _, old_values, mask = run.actor_critic(rollout.completion_prompt_ids, rollout.scored.outputs)
+        ref_log_probs, _ = token_log_probs(run.reference, rollout.completion_prompt_ids, rollout.scored.outputs)
+        task_rewards = rollout.scored.reward_matrix.flatten().float().to(run.device)
+        token_rewards, token_kl = kl_penalised_rewards(old_log_probs, ref_log_probs, mask, task_rewards, run.kl_coef)
+        advantages, returns = generalized_advantages(token_rewards, old_values, mask, config.gamma, config.gae_lambda)
+        if config.normalize_advantages:
+            advantages = whiten(advantages, mask, run.sum_over_ranks)
+    return Targets(old_log_probs, old_values, mask, advantages, returns, token_kl)
+
+
+def ppo_update(run: PPORun, rollout: Rollout, targets: Targets) -> dict[str, float]:
+    """4. ppo_epochs passes of clipped-surrogate updates over the rollout in minibatches;
+    returns each of UPDATE_STATISTICS averaged over the minibatches of all ranks."""
+    config = run.config
+    rollout_size = config.inputs_per_rollout * config.num_samples_per_input  # completions, all ranks together
+    num_minibatches = math.ceil(rollout_size / config.minibatch_size)
+    sums = dict.fromkeys(UPDATE_STATISTICS, 0.0)
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(rollout.scored.outputs))
+        # the same number of minibatches on every rank (each backward all-reduces)
+        for batch in order.tensor_split(num_minibatches):
+            for name, value in minibatch_step(run, rollout, targets, batch.tolist()).items():
+                sums[name] += value
+    totals = run.sum_over_ranks(torch.tensor([sums[name] for name in UPDATE_STATISTICS], dtype=torch.float64))
+    count = config.ppo_epochs * num_minibatches * run.ctx.world_size
+    return {name: total / count for name, total in zip(UPDATE_STATISTICS, totals.tolist())}
+
+
+def minibatch_step(run: PPORun, rollout: Rollout, targets: Targets, idx: list[int]) -> dict[str, float]:
+    """One optimiser step on L = L_clip + vf_coef L_value - ent_coef H over the completions `idx`."""
+    config = run.config
+    new_log_probs, entropy, new_values, batch_mask = run.train_model(
+        [rollout.completion_prompt_ids[i] for i in idx], [rollout.scored.outputs[i] for i in idx])
+    width = batch_mask.shape[1]  # this minibatch's longest completion
+    policy_loss, stats = clipped_policy_loss(new_log_probs, targets.old_log_probs[idx, :width],
+                                             targets.advantages[idx, :width], batch_mask, config.clip_range)
+    value_loss = clipped_value_loss(new_values, targets.old_values[idx, :width], targets.returns[idx, :width],
+                                    batch_mask, config.value_clip_range)
+    mean_entropy = masked_mean(entropy, batch_mask)
+    loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * mean_entropy
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.actor_critic.parameters(), config.max_grad_norm)
+    run.optimizer.step()
+    return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": mean_entropy.item(),
+            "clip_fraction": stats["clip_fraction"].item(), "approx_kl": stats["approx_kl"].item()}
+
+
+def rollout_kl(run: PPORun, targets: Targets) -> float:
+    """5. What the KL controller reads: KL to π_ref summed over tokens, mean over completions (all ranks)."""
+    sequence_kl = targets.token_kl.sum(dim=1)
+    total, count = run.sum_over_ranks(
+        torch.tensor([sequence_kl.sum().item(), float(len(sequence_kl))], dtype=torch.float64)).tolist()
+    return total / count
+
+
+def rollout_statistics(run: PPORun, scored: ScoredSamples, grad_norms: list[float | None]):
+    """6. The monitor: reward, reward std and the shares under each threshold over the step's
+    inputs (all ranks); and per reward-std bucket the inputs, reward and gradient norm.
+    Returns (statistics, {bucket name: its statistics})."""
+    config = run.config
+    thresholds = config.reward_std_thresholds
+    buckets = std_buckets(thresholds)
+    names = [name for name, _, _ in buckets]
+    reward_mean, reward_std, _ = reward_stats(scored.reward_matrix)
+    sums = torch.tensor([reward_std.sum().item(), reward_mean.sum().item(),
+                         *[(reward_std < t).sum().item() for t in thresholds]], dtype=torch.float64)
+    bucket_sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # inputs, reward sum, grad-norm sum
+    for i in range(len(reward_std)):
+        b = names.index(bucket_of(reward_std[i].item(), buckets))
+        bucket_sums[b] += torch.tensor([1.0, reward_mean[i].item(), grad_norms[i] or 0.0], dtype=torch.float64)
+    sums, bucket_sums = run.sum_over_ranks(sums), run.sum_over_ranks(bucket_sums)
+    P = config.inputs_per_rollout
+    statistics = {"reward_mean": sums[1].item() / P, "reward_std_mean": sums[0].item() / P,
+                  **{f"share_reward_std_below_{t}": sums[2 + j].item() / P for j, t in enumerate(thresholds)}}
+    by_bucket = {}
+    for b, name in enumerate(names):
+        count, reward_sum, grad_sum = bucket_sums[b].tolist()
+        by_bucket[name] = {"num_prompts": count, "reward_mean": reward_sum / count if count else None}
+        if config.monitor_grad_norm:
+            by_bucket[name]["grad_norm"] = grad_sum / count if count else None
+    return statistics, by_bucket
+
+
+def ppo_iteration(run: PPORun, step: int) -> dict:
+    """Rollout -> (monitor) -> advantages -> updates -> controller; logs and returns the step's metrics."""
+    config, ctx = run.config, run.ctx
+    seconds = {}
+    tic = time.perf_counter()
+    rollout = collect_rollout(run, step)
+    seconds["rollout_seconds"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()  # the monitor's gradient norms: before the update, at the policy that sampled
+    grad_norms = run.grad_norms(rollout.prompts, rollout.scored)
+    seconds["grad_norm_seconds"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    targets = penalised_advantages(run, rollout)
+    update = ppo_update(run, rollout, targets)
+    seconds["update_seconds"] = time.perf_counter() - tic
+
+    kl = rollout_kl(run, targets)
+    kl_coef_used = run.kl_coef
+    rollout_size = config.inputs_per_rollout * config.num_samples_per_input
+    run.kl_coef = update_kl_coef(run.kl_coef, kl, config.target_kl, rollout_size, config.kl_horizon)
+
+    statistics, by_bucket = rollout_statistics(run, rollout.scored, grad_norms)
+    metrics = {"step": step, **statistics, "kl": kl, "kl_coef": kl_coef_used, "next_kl_coef": run.kl_coef,
+               **update,
+               "explained_variance": explained_variance(targets.old_values, targets.returns, targets.mask,
+                                                        run.sum_over_ranks),
+               **seconds}
+    ctx.log_metrics(step, {k: v for k, v in metrics.items() if k != "step"})
+    for name, bucket_metrics in by_bucket.items():
+        ctx.log_metrics(step, bucket_metrics, split=name)
+        metrics.update({f"{metric}_{name}": value for metric, value in bucket_metrics.items() if value is not None})
+    return metrics
+
+
+# ============================================================================
+# The fixed monitor set: the paper's evidence, written to the tables.
+# ============================================================================
+
+
+def evaluate_monitor_set(run: PPORun, step: int) -> None:
+    """K samples for each monitor input (this rank's contiguous chunk), written as
+    `samples` and `inputs` rows at `step`; logs the set's reward by INITIAL reward std."""
+    rows = monitor_set_rows(run, step)
+    if step == 0:  # every rank keeps every input's initial std (rank 0 checkpoints them)
+        chunks = [{row["input_id"]: row["reward_std"] for row in rows}]
+        if run.distributed:
+            gathered = [None] * run.ctx.world_size
+            dist.all_gather_object(gathered, chunks[0])
+            chunks = gathered
+        for part in chunks:
+            run.initial_monitor_std.update(part)
+    log_reward_by_initial_std(run, step, rows)
+
+
+def monitor_set_rows(run: PPORun, step: int) -> list[dict]:
+    """This rank's monitor `inputs` rows at `step`: sampled and written, or read back on a retry."""
+    config, ctx = run.config, run.ctx
+    monitor_ids = run.monitor_ids
+    first = ctx.rank * len(monitor_ids) // ctx.world_size
+    end = (ctx.rank + 1) * len(monitor_ids) // ctx.world_size
+    shard = f"monitor-step-{step:09d}-inputs-{first:06d}-{end - 1:06d}"
+    if end <= first:
+        return []
+    if ctx.writer.exists("inputs", shard):  # a retry: the rows are on disk already
+        return ctx.writer.read("inputs", shard, ["input_id", "reward_mean", "reward_std"])
+    torch.manual_seed(config.seed * 1_000_003 + 7919 * step + first)  # the same samples on a retry
+    sample_rows, input_rows = [], []
+    for batch_start in range(first, end, config.inputs_per_rollout):
+        examples, prompts = run.prompts(monitor_ids[batch_start : min(end, batch_start + config.inputs_per_rollout)])
+        scored = run.sample(prompts)
+        with torch.no_grad():
+            log_probs = sequence_log_probs(run.lm, [p for p in prompts.ids for _ in range(scored.num_samples_per_input)],
+                                           scored.outputs).tolist()
+        samples, inputs = table_rows(step, examples, prompts, scored, log_probs, run.grad_norms(prompts, scored),
+                                     config.model, f"{config.task}/train")
+        sample_rows += samples
+        input_rows += inputs
+    ctx.writer.write("samples", shard, sample_rows)  # samples first: `inputs` marks the shard done
+    ctx.writer.write("inputs", shard, input_rows)
+    return input_rows
+
+
+def log_reward_by_initial_std(run: PPORun, step: int, rows: list[dict]) -> None:
+    """The live version of the paper's plot: the monitor set's reward grouped by initial reward std."""
+    buckets = std_buckets(run.config.reward_std_thresholds)
+    names = [name for name, _, _ in buckets]
+    sums = torch.zeros(len(buckets), 2, dtype=torch.float64)  # inputs, reward sum
+    for row in rows:
+        b = names.index(bucket_of(run.initial_monitor_std[row["input_id"]], buckets))
+        sums[b] += torch.tensor([1.0, row["reward_mean"]], dtype=torch.float64)
+    sums = run.sum_over_ranks(sums)
+    total_count, total_reward = sums.sum(dim=0).tolist()
+    run.ctx.log_metrics(step, {"reward_mean": total_reward / total_count, "num_inputs": total_count}, split="monitor")
+    for b, name in enumerate(names):
+        count, reward_sum = sums[b].tolist()
+        run.ctx.log_metrics(step, {"reward_mean": reward_sum / count if count else None, "num_inputs": count},
+                            split=f"monitor_initial_{name}")
+
+
+# ============================================================================
+# Checkpoints: weights + tokenizer (loadable by every workload), value head,
+# optimiser and controller state.
+# ============================================================================
+
+
+def save_checkpoint(run: PPORun, step: int) -> str:
+    """Rank 0 fills a fresh directory; the others return an empty one (they hand over none)."""
+    directory = tempfile.mkdtemp(prefix="rlgrad-ppo-")
+    if run.ctx.is_main:
+        run.lm.save_pretrained(directory)
+        run.tokenizer.save_pretrained(directory)
+        torch.save(run.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
+        torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            json.dump({"step": step, "kl_coef": run.kl_coef,
+                       "initial_monitor_std": {str(k): v for k, v in run.initial_monitor_std.items()}}, f)
+    return directory
+
+
+def load_checkpoint(run: PPORun, directory: str) -> None:
+    """The value head, optimiser and controller state of a checkpoint (the weights are loaded with the model)."""
+    def load(name):
+        return torch.load(os.path.join(directory, name), map_location=run.device, weights_only=True)
+
+    run.actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
+    run.optimizer.load_state_dict(load(OPTIMIZER_FILE))
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        state = json.load(f)
+    run.step, run.kl_coef = state["step"], state["kl_coef"]
+    run.initial_monitor_std = {int(k): v for k, v in state["initial_monitor_std"].items()}
+
+
+def report(run: PPORun, metrics: dict, checkpoint_step: int | None) -> None:
+    """Every rank reports once; rank 0 hands over a checkpoint when one is due."""
+    directory = save_checkpoint(run, checkpoint_step) if checkpoint_step is not None else None
+    run.ctx.report(metrics, checkpoint_dir=directory if run.ctx.is_main else None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ============================================================================
 # The workload.
 # ============================================================================
 
 
 def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if config.inputs_per_rollout % ctx.world_size:
-        raise ValueError(f"prompts_per_rollout ({config.inputs_per_rollout}) must be a multiple of the "
-                         f"{ctx.world_size} workers (every rank takes the same number of prompts)")
-    device = torch.device(ctx.device)
-    K = config.num_samples_per_input
-    gen = config.generation
-    buckets = std_buckets(config.reward_std_thresholds)
-
-    def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-        if distributed:
-            tensor = tensor.to(device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(tensor)
-        return tensor.cpu()
-
-    # --- models: the policy (resumed or initial), its value head, the frozen reference
-    resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
-    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device)
-    reference, _ = load_model_and_tokenizer(config.model, device)  # π_ref = the initial policy, always
-    reference.eval().requires_grad_(False)
-    encoder_decoder = lm.config.is_encoder_decoder
-    actor_critic = PolicyWithValueHead(lm).to(device)
-    actor_critic.eval()  # dropout off: see the module docstring
-    optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    start_step, kl_coef, initial_monitor_std = 0, config.kl_coef, {}
-    if resuming:
-        def load(name):
-            return torch.load(os.path.join(ctx.resume_from, name), map_location=device, weights_only=True)
-
-        actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
-        optimizer.load_state_dict(load(OPTIMIZER_FILE))
-        with open(os.path.join(ctx.resume_from, STATE_FILE)) as f:
-            state = json.load(f)
-        start_step, kl_coef = state["step"], state["kl_coef"]
-        initial_monitor_std = {int(k): v for k, v in state["initial_monitor_std"].items()}
-    train_model = DistributedDataParallel(actor_critic) if distributed else actor_critic
-
-    # --- data: a pool of train inputs; the monitor set is its first num_eval_inputs
-    pool = choose_inputs(config.task, "train", config.num_train_inputs, config.seed, config.dataset_path)
-    monitor_ids = pool[: config.num_eval_inputs]
-    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))  # the task's default args too
-    dataset = f"{config.task}/train"
-
-    def prompts_and_references(examples):
-        prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in examples]
-        prompt_ids = encode_prompts(tokenizer, prompts, gen.max_prompt_length, encoder_decoder)
-        # one reference string per output; a list where an input has several (its reward takes the max)
-        refs = [r[0] if len(r) == 1 else r for r in (references(config.task, ex) for ex in examples)]
-        return prompts, prompt_ids, refs
-
-    def sample_and_score(prompts, prompt_ids, refs):
-        """K completions per prompt (prompt-major) and their task rewards, as a [P, K] matrix."""
-        outputs = generate_outputs(unwrap(train_model).lm, tokenizer, prompt_ids, num_return_sequences=K,
-                                   do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                                   min_new_tokens=gen.min_new_tokens, max_new_tokens=gen.max_new_tokens)
-        texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-        rewards = reward_fn([p for p in prompts for _ in range(K)], texts, [r for r in refs for _ in range(K)])
-        reward_matrix = torch.tensor([r.value for r in rewards], dtype=torch.float64).view(len(prompts), K)
-        return outputs, texts, rewards, reward_matrix
-
-    def grad_norms_of(prompt_ids, outputs, reward_matrix) -> list[float | None]:
-        if not config.monitor_grad_norm:
-            return [None] * len(prompt_ids)
-        grouped = [outputs[i * K : (i + 1) * K] for i in range(len(prompt_ids))]
-        return per_input_grad_norms(unwrap(train_model).lm, prompt_ids, grouped, reward_matrix).tolist()
-
-    def evaluate_monitor_set(step: int) -> None:
-        """K samples for each monitor input (this rank's contiguous chunk), written as
-        `samples` and `inputs` rows at `step`; logs the set's reward by INITIAL reward std."""
-        first = ctx.rank * len(monitor_ids) // ctx.world_size
-        end = (ctx.rank + 1) * len(monitor_ids) // ctx.world_size
-        shard = f"monitor-step-{step:09d}-inputs-{first:06d}-{end - 1:06d}"
-        rows: list[dict] = []
-        if end > first and ctx.writer.exists("inputs", shard):  # a retry: the rows are on disk already
-            fs, path = ctx.writer._path("inputs", shard)
-            rows = pq.read_table(path, filesystem=fs, columns=["input_id", "reward_mean", "reward_std"]).to_pylist()
-        elif end > first:
-            torch.manual_seed(config.seed * 1_000_003 + 7919 * step + first)  # the same samples on a retry
-            sample_rows = []
-            for batch_start in range(first, end, config.inputs_per_rollout):
-                examples = get_examples(config.task, "train",
-                                        monitor_ids[batch_start : min(end, batch_start + config.inputs_per_rollout)],
-                                        config.dataset_path)
-                prompts, prompt_ids, refs = prompts_and_references(examples)
-                outputs, texts, rewards, reward_matrix = sample_and_score(prompts, prompt_ids, refs)
-                with torch.no_grad():
-                    log_probs = sequence_log_probs(unwrap(train_model).lm,
-                                                   [p for p in prompt_ids for _ in range(K)], outputs).tolist()
-                mean, std, std_unbiased = reward_stats(reward_matrix)
-                grad_norms = grad_norms_of(prompt_ids, outputs, reward_matrix)
-                for i, ex in enumerate(examples):
-                    for k in range(K):
-                        j = i * K + k
-                        sample_rows.append({
-                            "step": step, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts[i],
-                            "output": texts[j], "reward": rewards[j].value,
-                            "reward_components": rewards[j].components, "log_prob": log_probs[j],
-                            "num_tokens": len(outputs[j]), "model": config.model, "dataset": dataset})
-                    rows.append({
-                        "step": step, "input_id": ex.input_id, "prompt": prompts[i], "num_samples": K,
-                        "reward_mean": mean[i].item(), "reward_std": std[i].item(),
-                        "reward_std_unbiased": std_unbiased[i].item(), "grad_norm": grad_norms[i],
-                        "model": config.model, "dataset": dataset})
-            ctx.writer.write("samples", shard, sample_rows)  # samples first: `inputs` marks the shard done
-            ctx.writer.write("inputs", shard, rows)
-        if step == 0:  # every rank keeps every input's initial std (rank 0 checkpoints them)
-            chunk = {row["input_id"]: row["reward_std"] for row in rows}
-            chunks = [chunk]
-            if distributed:
-                chunks = [None] * ctx.world_size
-                dist.all_gather_object(chunks, chunk)
-            for part in chunks:
-                initial_monitor_std.update(part)
-        # the live version of the paper's plot: monitor reward grouped by initial reward std
-        names = [name for name, _, _ in buckets]
-        sums = torch.zeros(len(buckets), 2, dtype=torch.float64)  # inputs, reward sum
-        for row in rows:
-            b = names.index(bucket_of(initial_monitor_std[row["input_id"]], buckets))
-            sums[b] += torch.tensor([1.0, row["reward_mean"]], dtype=torch.float64)
-        sums = sum_over_ranks(sums)
-        total_count, total_reward = sums.sum(dim=0).tolist()
-        ctx.log_metrics(step, {"reward_mean": total_reward / total_count, "num_inputs": total_count},
-                        split="monitor")
-        for b, name in enumerate(names):
-            count, reward_sum = sums[b].tolist()
-            ctx.log_metrics(step, {"reward_mean": reward_sum / count if count else None, "num_inputs": count},
-                            split=f"monitor_initial_{name}")
-
-    def save_checkpoint(step: int) -> str:
-        """Weights + tokenizer (loadable by every workload) + value head, optimizer and
-        controller state; rank 0 fills the directory, the others hand over none."""
-        directory = tempfile.mkdtemp(prefix="rlgrad-ppo-")
-        if ctx.is_main:
-            unwrap(train_model).lm.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            torch.save(unwrap(train_model).value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
-            torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-            with open(os.path.join(directory, STATE_FILE), "w") as f:
-                json.dump({"step": step, "kl_coef": kl_coef,
-                           "initial_monitor_std": {str(k): v for k, v in initial_monitor_std.items()}}, f)
-        return directory
-
+    run = start_run(config, ctx)
+    start_step = run.step
     if start_step == 0:
-        evaluate_monitor_set(0)
-
-    rollout_size = config.inputs_per_rollout * K  # completions, all ranks together
-    num_minibatches = math.ceil(rollout_size / config.minibatch_size)
+        evaluate_monitor_set(run, 0)
     progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {config.model}", unit="rollout",
                     disable=not (ctx.is_main and ctx.show_progress))
     metrics: dict = {}
@@ -405,128 +583,21 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
         # every (step, rank) has its own seed: a run resumed at step s draws what an
         # uninterrupted run would have drawn from s on
         torch.manual_seed(config.seed * 1_000_003 + step * 1009 + ctx.rank)
-        seconds = {}
-
-        # --- 1. rollout: this rank's slice of the step's prompts, K completions each
-        tic = time.perf_counter()
-        step_prompt_ids = random.Random(config.seed * 1_000_003 + step).sample(pool, config.inputs_per_rollout)
-        examples = get_examples(config.task, "train", ctx.my_items(step_prompt_ids), config.dataset_path)
-        prompts, prompt_ids, refs = prompts_and_references(examples)
-        outputs, _, _, reward_matrix = sample_and_score(prompts, prompt_ids, refs)
-        completion_prompt_ids = [p for p in prompt_ids for _ in range(K)]
-        task_rewards = reward_matrix.flatten().float().to(device)
-        seconds["rollout_seconds"] = time.perf_counter() - tic
-
-        # --- monitor (before the update, at the policy that drew the samples)
-        tic = time.perf_counter()
-        reward_mean, reward_std, _ = reward_stats(reward_matrix)
-        grad_norms = grad_norms_of(prompt_ids, outputs, reward_matrix)
-        seconds["grad_norm_seconds"] = time.perf_counter() - tic
-
-        # --- 2. KL penalty and 3. GAE, with π_old, π_ref and V_old fixed for the whole update
-        tic = time.perf_counter()
-        with torch.no_grad():
-            old_log_probs, _, old_values, mask = actor_critic(completion_prompt_ids, outputs)
-            ref_log_probs, _ = token_log_probs(reference, completion_prompt_ids, outputs)
-            token_rewards, token_kl = kl_penalised_rewards(old_log_probs, ref_log_probs, mask, task_rewards,
-                                                           kl_coef)
-            advantages, returns = generalized_advantages(token_rewards, old_values, mask, config.gamma,
-                                                         config.gae_lambda)
-            if config.normalize_advantages:
-                advantages = whiten(advantages, mask, sum_over_ranks)
-
-        # --- 4. ppo_epochs passes of clipped-surrogate updates over the rollout
-        num_local = len(outputs)
-        update_sums = torch.zeros(5, dtype=torch.float64)  # policy, value, entropy, clip share, approx kl
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(num_local)
-            # the same number of minibatches on every rank (each backward all-reduces)
-            for batch in order.tensor_split(num_minibatches):
-                idx = batch.tolist()
-                new_log_probs, entropy, new_values, batch_mask = train_model(
-                    [completion_prompt_ids[i] for i in idx], [outputs[i] for i in idx])
-                width = batch_mask.shape[1]  # this minibatch's longest completion
-                policy_loss, stats = clipped_policy_loss(new_log_probs, old_log_probs[idx, :width],
-                                                         advantages[idx, :width], batch_mask, config.clip_range)
-                value_loss = clipped_value_loss(new_values, old_values[idx, :width], returns[idx, :width],
-                                                batch_mask, config.value_clip_range)
-                mean_entropy = masked_mean(entropy, batch_mask)
-                loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * mean_entropy
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(actor_critic.parameters(), config.max_grad_norm)
-                optimizer.step()
-                update_sums += torch.tensor([policy_loss.item(), value_loss.item(), mean_entropy.item(),
-                                             stats["clip_fraction"].item(), stats["approx_kl"].item()],
-                                            dtype=torch.float64)
-        seconds["update_seconds"] = time.perf_counter() - tic
-
-        # --- 5. the KL controller, fed the rollout's KL to π_ref (summed over tokens, mean over completions)
-        sequence_kl = token_kl.sum(dim=1)
-        global_sums = sum_over_ranks(torch.tensor(
-            [sequence_kl.sum().item(), float(num_local), *update_sums.tolist()], dtype=torch.float64))
-        kl = global_sums[0].item() / global_sums[1].item()
-        update_means = (global_sums[2:] / (config.ppo_epochs * num_minibatches * ctx.world_size)).tolist()
-        kl_coef_used = kl_coef
-        kl_coef = update_kl_coef(kl_coef, kl, config.target_kl, rollout_size, config.kl_horizon)
-
-        # --- 6. the monitor: reward and gradient norm by per-prompt reward std, summed over ranks
-        std_sums = torch.zeros(2 + len(config.reward_std_thresholds), dtype=torch.float64)
-        std_sums[0] = reward_std.sum()
-        std_sums[1] = reward_mean.sum()
-        for j, threshold in enumerate(config.reward_std_thresholds):
-            std_sums[2 + j] = (reward_std < threshold).sum()
-        bucket_sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # prompts, reward sum, grad-norm sum
-        names = [name for name, _, _ in buckets]
-        for i in range(len(prompt_ids)):
-            b = names.index(bucket_of(reward_std[i].item(), buckets))
-            bucket_sums[b] += torch.tensor([1.0, reward_mean[i].item(), grad_norms[i] or 0.0], dtype=torch.float64)
-        std_sums, bucket_sums = sum_over_ranks(std_sums), sum_over_ranks(bucket_sums)
-        P = config.inputs_per_rollout
-        metrics = {
-            "step": step,
-            "reward_mean": std_sums[1].item() / P,
-            "reward_std_mean": std_sums[0].item() / P,
-            **{f"share_reward_std_below_{t}": std_sums[2 + j].item() / P
-               for j, t in enumerate(config.reward_std_thresholds)},
-            "kl": kl, "kl_coef": kl_coef_used, "next_kl_coef": kl_coef,
-            "policy_loss": update_means[0], "value_loss": update_means[1], "entropy": update_means[2],
-            "clip_fraction": update_means[3], "approx_kl": update_means[4],
-            "explained_variance": explained_variance(old_values, returns, mask, sum_over_ranks),
-            **seconds,
-        }
-        ctx.log_metrics(step, {k: v for k, v in metrics.items() if k != "step"})
-        for b, name in enumerate(names):
-            count, reward_sum, grad_sum = bucket_sums[b].tolist()
-            bucket_metrics = {"num_prompts": count,
-                              "reward_mean": reward_sum / count if count else None}
-            if config.monitor_grad_norm:
-                bucket_metrics["grad_norm"] = grad_sum / count if count else None
-            ctx.log_metrics(step, bucket_metrics, split=name)
-            metrics.update({f"{metric}_{name}": value for metric, value in bucket_metrics.items()
-                            if value is not None})
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{kl:.3f}")
-
-        if config.eval_every_rollouts and step % config.eval_every_rollouts == 0 and step != config.num_rollouts:
-            evaluate_monitor_set(step)
-        checkpoint_now = config.checkpoint_every_rollouts and step % config.checkpoint_every_rollouts == 0 \
-            and step != config.num_rollouts  # the final checkpoint comes with the final report
-        checkpoint_dir = save_checkpoint(step) if checkpoint_now else None
-        ctx.report(metrics, checkpoint_dir=checkpoint_dir if ctx.is_main else None)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        metrics = ppo_iteration(run, step)
+        run.step = step
+        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+        last = step == config.num_rollouts  # the final monitor pass and checkpoint come after the loop
+        if config.eval_every_rollouts and step % config.eval_every_rollouts == 0 and not last:
+            evaluate_monitor_set(run, step)
+        checkpoint_due = config.checkpoint_every_rollouts and step % config.checkpoint_every_rollouts == 0 and not last
+        report(run, metrics, step if checkpoint_due else None)
     progress.close()
 
-    # --- the end: the monitor set at the final policy, and the final checkpoint
+    # the end: the monitor set at the final policy, and the final checkpoint
     final_step = max(config.num_rollouts, start_step)
     if final_step > 0:
-        evaluate_monitor_set(final_step)
-    final_metrics = {**metrics, "step": final_step, "kl_coef": kl_coef}
+        evaluate_monitor_set(run, final_step)
+    final_metrics = {**metrics, "step": final_step, "kl_coef": run.kl_coef}
     final_metrics.pop("next_kl_coef", None)
-    checkpoint_dir = save_checkpoint(final_step)
-    ctx.report(final_metrics, checkpoint_dir=checkpoint_dir if ctx.is_main else None)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    report(run, final_metrics, final_step)
     return final_metrics
-
-
