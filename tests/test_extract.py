@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
 
+from conftest import read_local_table
 from workloads.core import tables
 from workloads.text.extract_config import ExtractConfig
 from workloads.core.context import local_context
@@ -40,7 +41,7 @@ def generate_calls(monkeypatch):
 
 
 def read(results, table):
-    return pq.read_table(os.path.join(results, "local", table)).to_pandas()
+    return read_local_table(results, table)
 
 
 def shard_file(results, table, shard):
