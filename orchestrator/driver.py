@@ -166,11 +166,15 @@ def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, 
     from workloads.core.context import WorkloadContext
 
     config = validate_config(loop_config["workload"], loop_config["config"])
+    model_source = None
     if loop_config["parent_checkpoint"]:
         from ray.train import Checkpoint
 
+        field = loop_config["checkpoint_field"]
+        # the tables name the checkpoint by its stage/trial reference and URI, not the worker's local copy
+        model_source = f"{getattr(config, field)} {loop_config['parent_checkpoint']}"
         local_dir = Checkpoint(loop_config["parent_checkpoint"]).to_directory()
-        config = config.model_copy(update={loop_config["checkpoint_field"]: local_dir})
+        config = config.model_copy(update={field: local_dir})
     record = _dashboard_gauges(loop_config["identity"])
 
     def report_fn(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -189,6 +193,7 @@ def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, 
         resume_from=resume_dir,
         show_progress=loop_config["show_progress"],
         num_cpus=loop_config["cpus_per_worker"],
+        model_source=model_source,
     )
     run_workload(loop_config["workload"], config, ctx)
     placement(finished=True)

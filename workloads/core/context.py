@@ -33,12 +33,19 @@ class WorkloadContext:
     # CPUs this worker holds: torch's intra-op threads are set to match (more
     # threads than cores slows small models down many times)
     num_cpus: float | None = None
+    # what the tables record as the model when the orchestrator replaced the config's
+    # `model` with a local copy of an earlier stage's checkpoint: "@stage/trial <checkpoint URI>"
+    model_source: str | None = None
     _metric_rows: list[dict] = field(default_factory=list, repr=False)
     _metrics_flushed_at: int = field(default=-1, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def model_name(self, configured: str) -> str:
+        """The model as a user can find it again: the configured name, or the checkpoint it came from."""
+        return self.model_source or configured
 
     def my_items(self, items: list) -> list:
         """This worker's share of `items`: every world_size-th, starting at rank."""

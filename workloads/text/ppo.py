@@ -500,7 +500,7 @@ def monitor_set_rows(run: PPORun, step: int) -> list[dict]:
             log_probs = sequence_log_probs(run.lm, [p for p in prompts.ids for _ in range(scored.num_samples_per_input)],
                                            scored.outputs).tolist()
         samples, inputs = table_rows(step, examples, prompts, scored, log_probs, run.grad_norms(prompts, scored),
-                                     config.model, f"{config.task}/train")
+                                     ctx.model_name(config.model), f"{config.task}/train")
         sample_rows += samples
         input_rows += inputs
     ctx.writer.write("samples", shard, sample_rows)  # samples first: `inputs` marks the shard done
@@ -576,7 +576,7 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
     start_step = run.step
     if start_step == 0:
         evaluate_monitor_set(run, 0)
-    progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {config.model}", unit="rollout",
+    progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {ctx.model_name(config.model)}", unit="rollout",
                     disable=not (ctx.is_main and ctx.show_progress))
     metrics: dict = {}
     for step in progress:

@@ -102,7 +102,8 @@ def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log
                 "step": step, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts.texts[i],
                 "output": scored.texts[j], "reward": scored.rewards[j].value,
                 "reward_components": scored.rewards[j].components, "log_prob": log_probs[j],
-                "num_tokens": len(scored.outputs[j]), "model": model, "dataset": dataset,
+                "num_tokens": len(scored.outputs[j]), "prompt_token_ids": prompts.ids[i],
+                "output_token_ids": scored.outputs[j], "model": model, "dataset": dataset,
             })
         input_rows.append({
             "step": step, "input_id": ex.input_id, "prompt": prompts.texts[i], "num_samples": K,
