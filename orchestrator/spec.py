@@ -212,6 +212,10 @@ def load_spec(path: str) -> tuple[SweepSpec, str]:
             text = f.read()
     except OSError as e:
         raise SpecError(f"{path}: cannot read the sweep file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise SpecError(f"{path}: the sweep file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at line {line}); "
+                        "save it as UTF-8") from None
     return parse_spec(text, source=path), text
 
 
