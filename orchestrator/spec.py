@@ -25,8 +25,8 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from workloads import validate_config
-from workloads import WORKLOADS
+from workloads import WORKLOADS, validate_config
+from workloads.core.config import config_models
 
 
 class SpecError(ValueError):
@@ -134,14 +134,6 @@ def _loc(parts) -> str:
     return out
 
 
-def _models_in(annotation) -> list[type[BaseModel]]:
-    """The pydantic models a field's annotation holds: itself, Optional[M], or a
-    (discriminated) union of models such as ControlledConfig.model."""
-    members = [annotation, *getattr(annotation, "__args__", ())]
-    members += [m for a in members for m in getattr(a, "__args__", ())]  # Annotated[Union[...], ...]
-    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
-
-
 def _allowed_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
     """Field names allowed at `loc` (the parent of an unknown key) within model_cls.
     In a discriminated union pydantic puts the tag in `loc` (model -> 'mlp' -> key)."""
@@ -151,7 +143,7 @@ def _allowed_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
             continue
         field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
         if field is not None:
-            candidates = _models_in(field.annotation)
+            candidates = config_models(field.annotation)
         else:  # a union member's tag
             candidates = [c for c in candidates if getattr(c.model_fields.get("type"), "default", None) == part]
         if not candidates:
@@ -190,7 +182,7 @@ def get_dotted(model_cls: type[BaseModel], dotted: str):
         field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
         if field is None:
             return None
-        candidates = _models_in(field.annotation)
+        candidates = config_models(field.annotation)
     return field
 
 
