@@ -11,9 +11,11 @@ from .config import GenerationConfig, TextTaskConfig
 
 
 class PPOConfig(TextTaskConfig):
-    """Actor-critic PPO on a language model (paper sections 4-5: "PPO" from the
-    pretrained model and "PPO on supervised" from an SFT checkpoint), with a
-    live monitor of per-input reward std and gradient norm.
+    """PPO on a language model, with a live monitor of reward std and gradient norms.
+
+    Actor-critic PPO (paper sections 4-5: "PPO" from the pretrained model and
+    "PPO on supervised" from an SFT checkpoint), with a live monitor of
+    per-input reward std and gradient norm.
 
     Defaults are the RL4LMs reference configs the paper used (paper.md, "PPO
     settings"): 5 epochs per rollout, minibatch 64, clip 0.2, lr 2e-6, initial
