@@ -20,7 +20,7 @@ import os
 import sys
 import textwrap
 
-from .spec import SpecError, grid_points, load_spec
+from .spec import SpecError, grid_points, load_spec, resolved_trials_yaml
 
 EXAMPLES = """examples:
   rlgrad config                       # the workloads a stage can run
@@ -78,6 +78,9 @@ def _cmd_run(args) -> int:
 
 def _cmd_validate(args) -> int:
     spec, _ = load_spec(args.spec)
+    if args.resolved:
+        sys.stdout.write(resolved_trials_yaml(spec, args.spec))
+        return 0
     print(f"{args.spec}: OK -- sweep {spec.sweep!r}, {len(spec.stages)} stage(s)")
     for stage in spec.stages:
         if stage.search.optuna:
@@ -264,8 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no per-worker progress bars")
     run.set_defaults(func=_cmd_run)
 
-    validate = sub.add_parser("validate", help="check a sweep file and list the trials it would run")
-    validate.add_argument("spec")
+    validate = sub.add_parser("validate", help="check a sweep file and list the trials it would run",
+                              description="Check SPEC as `rlgrad run` would (nothing runs, nothing is written) "
+                                          "and list its stages and trial counts.")
+    validate.add_argument("spec", help="sweep file (YAML)")
+    validate.add_argument("--resolved", action="store_true",
+                          help="print every trial as YAML instead: stage, trial id, workload, parent trial, "
+                               "searched values and the complete config with every default filled "
+                               "(Optuna stages: the base config and the search space)")
     validate.set_defaults(func=_cmd_validate)
 
     config = sub.add_parser("config", help="list the workloads, or print one's config fields with types, "

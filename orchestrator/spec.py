@@ -347,6 +347,59 @@ def resolve_trial(stage: StageSpec, params: dict, parent_trial: str | None) -> R
     )
 
 
+def resolved_trials(spec: SweepSpec) -> list[dict]:
+    """Every trial the sweep would run, as plain data: stage, trial id, workload,
+    parent trial, searched values and the complete config (every default filled,
+    the grid point applied, a `from_stage` checkpoint as the "@<stage>/<trial>"
+    reference the driver fills in). A from_stage stage gets one trial per trial
+    of its parent stage (the driver runs those whose parent finished).
+
+    Optuna draws its points at run time, so an Optuna stage gives one entry per
+    parent with its base config, the search space and no trial id; a stage that
+    starts from it cannot know its parents' ids either, and shows the reference
+    as "@<stage>/<trial drawn at run time>"."""
+    entries: list[dict] = []
+    trial_ids: dict[str, list[str] | None] = {}  # stage -> its trial ids; None: known only at run time
+    for stage in spec.stages:
+        if stage.from_stage is None:
+            parents: list[str | None] = [None]
+        else:
+            parents = trial_ids[stage.from_stage] or [_DRAWN_AT_RUN_TIME]
+        ids_known = stage.search.optuna is None and (stage.from_stage is None or trial_ids[stage.from_stage] is not None)
+        stage_ids = []
+        for parent in parents:
+            if stage.search.optuna is not None:
+                opt = stage.search.optuna
+                base = resolve_trial(stage, {}, parent)
+                entries.append({"stage": stage.name, "trial": None, "workload": stage.workload,
+                                "parent_trial": parent,
+                                "trials": f"{opt.num_samples} drawn by Optuna at run time",
+                                "search_space": opt.model_dump(mode="json"),
+                                "base_config": base.config.model_dump(mode="json")})
+                continue
+            for params in grid_points(stage) or [{}]:
+                trial = resolve_trial(stage, params, parent)
+                stage_ids.append(trial.trial_id)
+                entries.append({"stage": stage.name, "trial": trial.trial_id if ids_known else None,
+                                "workload": stage.workload, "parent_trial": parent, "params": params,
+                                "config": trial.config.model_dump(mode="json")})
+        trial_ids[stage.name] = stage_ids if ids_known else None
+    for entry in entries:
+        if entry["parent_trial"] is None:
+            del entry["parent_trial"]
+    return entries
+
+
+_DRAWN_AT_RUN_TIME = "<trial drawn at run time>"
+
+
+def resolved_trials_yaml(spec: SweepSpec, source: str) -> str:
+    """`rlgrad validate --resolved`: resolved_trials as one YAML document."""
+    entries = resolved_trials(spec)
+    header = f"# {source}: {len(entries)} trial(s) or Optuna search(es); complete configs, defaults filled\n"
+    return header + yaml.safe_dump({"sweep": spec.sweep, "trials": entries}, sort_keys=False, width=100)
+
+
 def resolved_spec_yaml(spec: SweepSpec) -> str:
     """The spec as run: every default filled in, for <results>/<sweep>/sweep.yaml."""
     data = spec.model_dump(mode="json")
