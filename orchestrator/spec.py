@@ -90,6 +90,7 @@ class StageSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     workload: str
     config: dict[str, Any] = {}
+    config_from: str | None = None  # an earlier stage whose config block this one starts from
     search: SearchSpec = SearchSpec()
     from_stage: str | None = None
     scaling: ScalingSpec = ScalingSpec()
@@ -224,12 +225,49 @@ def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
         spec = SweepSpec.model_validate(raw)
     except pydantic.ValidationError as e:
         _fail(source, _format_error(e, SweepSpec, ""))
-    _check_stages(spec, source)
-    return spec
+    return _check_stages(spec, source)
 
 
-def _check_stages(spec: SweepSpec, source: str) -> None:
+def merge_configs(base: dict, own: dict) -> dict:
+    """`own` deep-merged onto `base`: nested mappings merge key by key, `own` wins,
+    lists and scalars are replaced whole. A mapping whose `type` differs (another
+    member of a union such as ControlledConfig.model) replaces the base's whole."""
+    merged = copy.deepcopy(base)
+    for key, value in own.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and below.get("type", value.get("type")) == value.get("type", below.get("type")):
+            merged[key] = merge_configs(below, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _config_from(stage: StageSpec, seen: dict[str, StageSpec], names: list[str], source: str, where: str) -> StageSpec:
+    """The stage with its config block starting from the named earlier stage's
+    (already merged) block. With from_stage the base's checkpoint field is left
+    out: from_stage fills it."""
+    base = seen.get(stage.config_from)
+    if base is None:
+        if stage.config_from in names:
+            rule = "is this stage or a later one; config_from names an earlier stage"
+        else:
+            rule = "no stage of that name"
+        _fail(source, f"{where}.config_from = {stage.config_from!r}: {rule}; earlier stages: {', '.join(seen) or 'none'}")
+    config_cls, base_cls = WORKLOADS[stage.workload].config, WORKLOADS[base.workload].config
+    if base_cls is not config_cls:
+        _fail(source, f"{where}.config_from = {stage.config_from!r}: that stage's workload {base.workload!r} has config "
+                      f"{base_cls.__name__}, this stage's {stage.workload!r} has {config_cls.__name__}; "
+                      "config_from needs the same config class")
+    base_config = dict(base.config)
+    if stage.from_stage is not None:
+        base_config.pop(config_cls.checkpoint_field, None)
+    return stage.model_copy(update={"config": merge_configs(base_config, stage.config)})
+
+
+def _check_stages(spec: SweepSpec, source: str) -> SweepSpec:
+    """Check every stage and return the spec with `config_from` blocks merged in."""
     seen: dict[str, StageSpec] = {}
+    names = [stage.name for stage in spec.stages]
     for i, stage in enumerate(spec.stages):
         where = f"stages[{i}]"
         if stage.name in seen:
@@ -251,8 +289,11 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
             if getattr(config_cls, "checkpoint_field") in stage.config:
                 field = config_cls.checkpoint_field
                 _fail(source, f"{where}.config.{field}: set by from_stage={stage.from_stage!r}; remove it or remove from_stage")
+        if stage.config_from is not None:
+            stage = _config_from(stage, seen, names, source, where)
         _check_config(stage, config_cls, source, where)
         seen[stage.name] = stage
+    return spec.model_copy(update={"stages": list(seen.values())})
 
 
 def _validate_values(stage: StageSpec, config_cls, values: dict, source: str, where: str):
@@ -401,8 +442,10 @@ def resolved_trials_yaml(spec: SweepSpec, source: str) -> str:
 
 
 def resolved_spec_yaml(spec: SweepSpec) -> str:
-    """The spec as run: every default filled in, for <results>/<sweep>/sweep.yaml."""
-    data = spec.model_dump(mode="json")
+    """The spec as run: every default filled in, for <results>/<sweep>/sweep.yaml.
+    `config_from` is left out: its block is merged into `config`, so a file that
+    copies blocks and one that names them give the same sweep.yaml."""
+    data = spec.model_dump(mode="json", exclude={"stages": {"__all__": {"config_from"}}})
     for stage_data, stage in zip(data["stages"], spec.stages):
         config = validate_config(stage.workload, stage.config).model_dump(mode="json")
         if stage.from_stage is not None:
