@@ -89,7 +89,8 @@ def _cmd_validate(args) -> int:
             n = f"{len(grid_points(stage))} trial(s)"
         per = f" per finished trial of {stage.from_stage!r}" if stage.from_stage else ""
         s = stage.scaling
-        print(f"  {stage.name}: {stage.workload}, {n}{per}; {s.num_workers} worker(s) x {s.resources_per_worker()}")
+        base = f"; config from {stage.config_from!r}" if stage.config_from else ""
+        print(f"  {stage.name}: {stage.workload}, {n}{per}; {s.num_workers} worker(s) x {s.resources_per_worker()}{base}")
     return 0
 
 

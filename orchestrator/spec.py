@@ -1,11 +1,13 @@
 """Sweep files: YAML -> typed, validated spec -> concrete trials.
 
 A sweep file holds stages run in order. Each stage names a workload, gives
-its config (keys map one to one onto the workload's config class in
-workloads/configs.py), optionally a search (grid or Optuna) over any config
-field, Ray Train scaling, and optionally `from_stage:` -- an earlier stage
-whose checkpoints this one starts from (one trial per finished trial of that
-stage, times this stage's own grid). Everything is validated before Ray
+its config (keys map one to one onto the workload's config class, listed by
+`rlgrad config WORKLOAD`), optionally `config_from:` -- an earlier stage whose
+config block this one starts from (deep-merged, the stage's own keys win) --
+a search (grid or Optuna) over any config field, Ray Train scaling, and
+optionally `from_stage:` -- an earlier stage whose checkpoints this one starts
+from (one trial per finished trial of that stage, times this stage's own
+grid). Everything is validated before Ray
 starts or anything is written: a bad file gives one line naming the field, the
 value and what is allowed.
 """

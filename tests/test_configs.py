@@ -74,3 +74,19 @@ def test_config_of_an_unknown_workload_is_one_line_naming_it_and_the_allowed(cap
     assert captured.out == ""
     assert captured.err.count("\n") == 1
     assert "unknown workload 'nope' (did you mean 'noop'?); allowed: controlled, extract, noop, ppo, sft" in captured.err
+
+
+def test_help_lists_every_command_and_the_new_options(capsys):
+    from orchestrator.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"config", "validate"} <= set(commands)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in commands:
+        assert f"    {command} " in out, command
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert "--resolved" in capsys.readouterr().out
