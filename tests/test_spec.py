@@ -230,6 +230,31 @@ def test_validate_resolved_gives_an_optuna_stage_its_base_config_and_search_spac
     assert extract["config"]["num_inputs"] == 8
 
 
+OPTUNA_AFTER_GRID = """
+sweep: tuned_after_grid
+stages:
+  - name: sft
+    workload: sft
+    search: {grid: {max_steps: [1, 2]}}
+  - name: extract
+    workload: extract
+    from_stage: sft
+    config: {num_inputs: 8, num_samples_per_input: 4}
+    search:
+      optuna: {metric: reward_mean, mode: max, num_samples: 2, params: {generation.temperature: {uniform: [0.5, 1.5]}}}
+"""
+
+
+def test_validate_resolved_gives_an_optuna_stage_one_search_per_known_parent(tmp_path, capsys):
+    trials = _resolved(tmp_path, capsys, OPTUNA_AFTER_GRID)["trials"]
+    sft_ids = [t["trial"] for t in trials if t["stage"] == "sft"]
+    searches = [t for t in trials if t["stage"] == "extract"]
+    assert len(sft_ids) == 2 and all(sft_ids)
+    assert [s["parent_trial"] for s in searches] == sft_ids
+    assert [s["base_config"]["model"] for s in searches] == [f"@sft/{i}" for i in sft_ids]
+    assert all(s["trial"] is None and s["trials"] == "2 drawn by Optuna at run time" for s in searches)
+
+
 # ---------------------------------------------------------------- config_from
 
 COPIED = """
