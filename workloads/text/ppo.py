@@ -66,9 +66,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..core.context import WorkloadContext
-from .ppo_config import PPOConfig
 from .gradnorm import per_input_grad_norms, reward_stats
 from .models import load_model_and_tokenizer, output_logits, sequence_log_probs, token_log_probs
+from .nlpo import ActionMasker
+from .nlpo_config import NLPOConfig
+from .ppo_config import PPOConfig
 from .rewards import get_reward
 from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
@@ -77,6 +79,7 @@ VALUE_HEAD_FILE = "value_head.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "rlgrad_ppo_state.json"  # step done, kl_coef, initial monitor reward stds
 VALUE_MODEL_DIR = "value_model"  # the critic's language model, beside the policy's weights
+MASK_MODEL_DIR = "mask_model"  # NLPO's mask policy
 NO_WEIGHT_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # RL4LMs base_policy._setup_optimizer
 
 
@@ -206,16 +209,23 @@ class ActorCritic(nn.Module):
         self.value_head = nn.Linear(value_lm.config.hidden_size, 1, bias=False)  # default init, as the reference's
         self.temperature = temperature
 
-    def forward(self, prompt_ids: list[list[int]], output_ids: list[list[int]]):
+    def forward(self, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                action_masks: torch.Tensor | None = None):
         """For every output token t: log π(y_t|s_t) and the entropy of π(·|s_t) with
-        π = softmax(logits / T) (the reference's forward_policy), and V(s_t) from the
-        value LM's last hidden state at the same position. Alignment:
+        π = softmax(logits / T) (the reference's forward_policy) -- restricted to
+        `action_masks` [B, T, V] where given (NLPO) -- and V(s_t) from the value LM's
+        last hidden state at the same position. Alignment:
         workloads.text.models.output_logits. Returns (log_probs, entropy, values, mask), [B, T]."""
         logits, outputs, output_mask, _ = output_logits(self.lm, prompt_ids, output_ids)
         mask = output_mask.to(torch.float32)
-        all_log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        scaled = logits.float() / self.temperature
+        if action_masks is not None:
+            scaled = scaled.masked_fill(~action_masks, -float("inf"))
+        all_log_probs = torch.log_softmax(scaled, dim=-1)
         log_probs = all_log_probs.gather(-1, outputs.unsqueeze(-1)).squeeze(-1) * mask
-        entropy = -(all_log_probs.exp() * all_log_probs).sum(dim=-1) * mask
+        # 0 log 0 = 0 outside the mask (filled before the product: -inf * 0 would poison the gradient)
+        finite = all_log_probs if action_masks is None else all_log_probs.masked_fill(~action_masks, 0.0)
+        entropy = -(all_log_probs.exp() * finite).sum(dim=-1) * mask
         _, _, _, hidden = output_logits(self.value_lm, prompt_ids, output_ids, with_hidden=True)
         values = self.value_head(hidden.float()).squeeze(-1) * mask
         return log_probs, entropy, values, mask
@@ -257,6 +267,7 @@ class PPORun:
     optimizer: torch.optim.Optimizer
     reward_fn: object
     pool: list[int]  # the train inputs rollouts draw from; the monitor set is its head
+    masker: ActionMasker | None = None  # NLPO's mask policy; None for PPO
     step: int = 0  # rollouts done
     kl_coef: float = 0.0  # β, moved by the KL controller
     initial_monitor_std: dict[int, float] = field(default_factory=dict)  # monitor input -> reward std at step 0
@@ -282,7 +293,7 @@ class PPORun:
 
     def sample(self, prompts: Prompts) -> ScoredSamples:
         return sample_and_score(self.lm, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
-                                self.config.generation)
+                                self.config.generation, self.masker.logits_processor if self.masker else None)
 
     def grad_norms(self, prompts: Prompts, scored: ScoredSamples) -> list[float | None]:
         """Each input's leave-one-out policy-gradient norm (workloads.text.gradnorm), or None when off."""
@@ -320,6 +331,9 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
                  reward_fn=get_reward(*resolve_reward(config.task, config.reward, config.reward_args)),
                  pool=choose_inputs(config.task, "train", config.num_train_inputs, config.seed, config.dataset_path),
                  kl_coef=config.kl_coef)
+    if isinstance(config, NLPOConfig):
+        run.masker = ActionMasker(lm, config.top_mask, config.min_tokens_to_keep, tokenizer.all_special_ids,
+                                  config.target_update_iterations)
     if resuming:
         load_checkpoint(run, ctx.resume_from)
     if distributed:  # after loading: DDP broadcasts rank 0's parameters when it wraps them
@@ -348,6 +362,7 @@ class Targets:
     old_values: torch.Tensor
     mask: torch.Tensor  # every sampled token
     kept: torch.Tensor  # the tokens the rollout keeps: what the update trains on
+    action_masks: torch.Tensor | None  # NLPO: the allowed tokens at every position [B, T, V]
     advantages: torch.Tensor
     returns: torch.Tensor
     token_kl: torch.Tensor  # log π_old - log π_ref per output token
@@ -391,16 +406,20 @@ def collect_rollout(run: PPORun, step: int) -> Rollout:
 def penalised_advantages(run: PPORun, rollout: Rollout) -> Targets:
     """2. KL penalty and 3. GAE, with π_old, π_ref and V_old fixed for the whole update."""
     config = run.config
+    prompts, outputs = rollout.completion_prompt_ids, rollout.scored.outputs
     with torch.no_grad():
-        old_log_probs, _, old_values, mask = run.actor_critic(rollout.completion_prompt_ids, rollout.scored.outputs)
-        ref_log_probs, _ = token_log_probs(run.reference, rollout.completion_prompt_ids, rollout.scored.outputs)
+        action_masks = run.masker.rollout_masks(prompts, outputs) if run.masker else None
+        old_log_probs, _, old_values, mask = run.actor_critic(prompts, outputs, action_masks)
+        # the KL penalty reads the unmasked policy (alg_wrappers.py: raw_log_probs - ref_log_probs)
+        raw_log_probs = old_log_probs if action_masks is None else run.actor_critic(prompts, outputs)[0]
+        ref_log_probs, _ = token_log_probs(run.reference, prompts, outputs)
         task_rewards = rollout.scored.reward_matrix.flatten().float().to(run.device)
-        token_rewards, token_kl = kl_penalised_rewards(old_log_probs, ref_log_probs, mask, task_rewards, run.kl_coef)
+        token_rewards, token_kl = kl_penalised_rewards(raw_log_probs, ref_log_probs, mask, task_rewards, run.kl_coef)
         positions = torch.arange(mask.shape[1], device=mask.device)
         kept = (positions < torch.tensor(rollout.kept_tokens, device=mask.device)[:, None]).float() * mask
         advantages, returns = generalized_advantages(token_rewards, old_values, mask, config.gamma,
                                                      config.gae_lambda, kept)
-    return Targets(old_log_probs, old_values, mask, kept, advantages, returns, token_kl)
+    return Targets(old_log_probs, old_values, mask, kept, action_masks, advantages, returns, token_kl)
 
 
 def ppo_update(run: PPORun, rollout: Rollout, targets: Targets) -> dict[str, float]:
@@ -430,8 +449,12 @@ def minibatch_step(run: PPORun, rollout: Rollout, targets: Targets, positions: t
     once, and the loss reads the minibatch's tokens only (SB3 PPO.train)."""
     config = run.config
     rows, row_of = torch.unique(positions[:, 0], return_inverse=True)
+    outputs = [rollout.scored.outputs[i] for i in rows.tolist()]
+    action_masks = None
+    if targets.action_masks is not None:
+        action_masks = targets.action_masks[rows.to(targets.action_masks.device)][:, : max(map(len, outputs))]
     new_log_probs, entropy, new_values, _ = run.train_model(
-        [rollout.completion_prompt_ids[i] for i in rows.tolist()], [rollout.scored.outputs[i] for i in rows.tolist()])
+        [rollout.completion_prompt_ids[i] for i in rows.tolist()], outputs, action_masks)
     here, there = (row_of, positions[:, 1]), (positions[:, 0], positions[:, 1])  # in the minibatch / the rollout
     ones = torch.ones(len(positions), device=new_log_probs.device)
     advantages = targets.advantages[there]
@@ -502,6 +525,8 @@ def ppo_iteration(run: PPORun, step: int) -> dict:
 
     tic = time.perf_counter()
     targets = penalised_advantages(run, rollout)
+    if run.masker and step % run.masker.update_every == 0:  # after the rollout, before the update (nlpo.py learn)
+        run.masker.refresh(run.lm)
     update = ppo_update(run, rollout, targets)
     seconds["update_seconds"] = time.perf_counter() - tic
 
@@ -601,6 +626,8 @@ def save_checkpoint(run: PPORun, step: int) -> str:
         run.lm.save_pretrained(directory)
         run.tokenizer.save_pretrained(directory)
         run.actor_critic.value_lm.save_pretrained(os.path.join(directory, VALUE_MODEL_DIR))
+        if run.masker:
+            run.masker.model.save_pretrained(os.path.join(directory, MASK_MODEL_DIR))
         torch.save(run.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
         torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
         with open(os.path.join(directory, STATE_FILE), "w") as f:
@@ -615,6 +642,9 @@ def load_checkpoint(run: PPORun, directory: str) -> None:
         return torch.load(os.path.join(directory, name), map_location=run.device, weights_only=True)
 
     run.actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
+    if run.masker:
+        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device)
+        run.masker.refresh(mask_lm)
     run.optimizer.load_state_dict(load(OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE)) as f:
         state = json.load(f)
