@@ -31,7 +31,7 @@ from plotly.offline import get_plotlyjs
 from workloads.core.config import REWARD_STD_THRESHOLDS
 from workloads.core.storage import resolve
 
-from .report_inputs import inputs_payload, load_samples, samples_per_input
+from .report_inputs import inputs_payload, load_samples, samples_per_input, within_text_budget
 from .report_page import INPUTS_SECTION, figure_block, page_html
 from .tables_io import table_dataset
 from .trial_errors import strip_ansi
@@ -243,14 +243,18 @@ def _input_rows(inputs: pd.DataFrame) -> pd.DataFrame:
 def _inputs_block(results: str, sweep: str, inputs: pd.DataFrame, labels: dict[str, str]) -> dict:
     per_input = samples_per_input(len(inputs), int(inputs["num_samples"].max()))
     samples = load_samples(results, sweep, per_input)
+    fits = within_text_budget(samples, per_input)
+    if fits < per_input:  # long outputs: fewer of each input's samples
+        samples, per_input = samples[samples["sample_idx"] < fits], fits
     return inputs_payload(inputs, samples, list(dict.fromkeys(inputs["trial"])), labels, per_input)
 
 
 INTRO = """<p>Reward std is the population (1/K) std of the K sampled rewards per input; gradient norm is the norm of the
-leave-one-out-baseline policy-gradient estimate over all trainable parameters. Hover a point to see its input's prompt and
-samples; click it to open the input in the <a href="#inputs">per-input table</a>. The tables behind every plot are in
+leave-one-out-baseline policy-gradient estimate over all trainable parameters.{drill} The tables behind every plot are in
 <code>inputs.parquet</code>, <code>samples/</code>, <code>metrics/</code> and <code>trials/</code> beside this file
 (query them with <code>rlgrad query</code>).</p>"""
+DRILL = """ Hover a point to see its input's prompt and samples; click it to open the input in the
+<a href="#inputs">per-input table</a>."""
 
 
 def build_report(results: str, sweep: str) -> str:
@@ -276,9 +280,10 @@ def build_report(results: str, sweep: str) -> str:
         blocks.append(INPUTS_SECTION)
     controlled_trials = set(trials[trials["workload"] == "controlled"]["trial"]) if len(trials) else set()
     curves = metrics[~metrics["trial"].isin(controlled_trials)] if len(metrics) else metrics
-    if len(curves):
+    curve_figures = _curve_figures(curves, labels) if len(curves) else []
+    if curve_figures:  # metrics logged once per trial are in the trials table, not curves
         blocks.append("<h2>Training curves</h2>")
-        blocks += _curve_figures(curves, labels)
+        blocks += curve_figures
     if controlled_trials:
         from .controlled_report import controlled_section
 
@@ -302,7 +307,7 @@ def build_report(results: str, sweep: str) -> str:
 
     nav = ('<nav><a href="#trials">trials</a><a href="#reward-mean-vs-std">plots</a><a href="#inputs">inputs</a></nav>'
            if block is not None else "")
-    intro = f"<h1>rlgrad sweep <code>{html.escape(sweep)}</code></h1>{nav}{INTRO}"
+    intro = f"<h1>rlgrad sweep <code>{html.escape(sweep)}</code></h1>{nav}" + INTRO.format(drill=DRILL if block else "")
     page = page_html(f"rlgrad: {sweep}", intro, "".join(body), block, get_plotlyjs() if figures else None)
     fs, base = resolve(results)
     path = posixpath.join(base, sweep, "report.html")

@@ -18,8 +18,9 @@ Layout of the block (columns, not records, and every string once):
 Sizes are capped so that a sweep of 10,000 inputs x K = 8 per trial stays a
 page a browser opens in seconds (benchmarks/RESULTS.md): prompts and outputs
 are cut to PROMPT_CHARS / OUTPUT_CHARS, and each input keeps its first
-min(K, SAMPLE_BUDGET // inputs) samples, never fewer than MIN_SAMPLES. The full
-texts and every sample are in the Parquet tables beside the page.
+min(K, SAMPLE_BUDGET // inputs) samples, fewer if their outputs would exceed
+OUTPUT_TEXT_BUDGET characters, never fewer than MIN_SAMPLES. The full texts and
+every sample are in the Parquet tables beside the page.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .tables_io import shard_dataset
 PROMPT_CHARS = 600  # per prompt in the page (the table shows this much; hovers less)
 OUTPUT_CHARS = 300  # per sampled output in the page
 SAMPLE_BUDGET = 160_000  # samples held in the page across all inputs
+OUTPUT_TEXT_BUDGET = 6_000_000  # characters of output text held in the page
 MIN_SAMPLES = 2  # per input, whatever the budget
 HOVER_SAMPLES = 4  # samples a hover label lists (the page's script reads it from `limits`)
 ROW_KEYS = ["trial", "step", "input_id"]
@@ -57,6 +59,16 @@ def load_samples(results: str, sweep: str, per_input: int) -> pd.DataFrame:
     if dataset is None or per_input <= 0:
         return pd.DataFrame(columns=columns)
     return dataset.to_table(columns=columns, filter=ds.field("sample_idx") < per_input).to_pandas()
+
+
+def within_text_budget(samples: pd.DataFrame, per_input: int) -> int:
+    """The most samples per input (at most `per_input`, at least MIN_SAMPLES) whose outputs,
+    cut to OUTPUT_CHARS, total at most OUTPUT_TEXT_BUDGET characters."""
+    if per_input <= MIN_SAMPLES or not len(samples):
+        return per_input
+    lengths = samples["output"].fillna("").astype(str).str.len().clip(upper=OUTPUT_CHARS)
+    total = lengths.groupby(samples["sample_idx"].to_numpy()).sum().reindex(range(per_input), fill_value=0).cumsum()
+    return max(MIN_SAMPLES, int((total.to_numpy() <= OUTPUT_TEXT_BUDGET).sum()))
 
 
 def _numbers(values, digits: int = 6) -> list:
@@ -88,6 +100,10 @@ def inputs_payload(inputs: pd.DataFrame, samples: pd.DataFrame, trial_order: lis
         "grad": _numbers(inputs["grad_norm"].astype(float)),
     }
 
+    if not len(samples):  # no sample rows (yet): the rows alone
+        samples = pd.DataFrame({"trial": pd.Series(dtype=str), "step": pd.Series(dtype="int64"),
+                                "input_id": pd.Series(dtype="int64"), "sample_idx": pd.Series(dtype="int32"),
+                                "reward": pd.Series(dtype=float), "output": pd.Series(dtype=str)})
     joined = samples.merge(inputs[[*ROW_KEYS, "row"]], on=ROW_KEYS, how="inner")
     joined = joined.sort_values(["row", "sample_idx"], kind="stable")
     output_codes, outputs = pd.factorize(_cut(joined["output"], OUTPUT_CHARS))

@@ -143,7 +143,7 @@ def test_every_plotted_input_carries_its_prompt_stats_and_samples(sweep):
 
 
 def test_the_page_holds_fewer_samples_per_input_when_inputs_are_many(sweep, monkeypatch):
-    results, _, _ = sweep
+    results, _, truth = sweep
     assert report_inputs.samples_per_input(10_000, 8) == 8 and report_inputs.samples_per_input(1_000_000, 8) == 2
     monkeypatch.setattr(report_inputs, "SAMPLE_BUDGET", 60)  # 28 rows: 60 // 28 = 2 samples each
     page = open(build_report(str(results), "s"), encoding="utf-8").read()
@@ -151,6 +151,14 @@ def test_the_page_holds_fewer_samples_per_input_when_inputs_are_many(sweep, monk
     assert block["limits"]["samples_per_input"] == 2
     assert np.diff(block["samples"]["start"]).tolist() == [2] * 28
     assert set(block["rows"]["k"]) == {K}  # the table still says how many were drawn
+    # long outputs: as many samples per input as fit the text budget, here exactly the first 3 of each
+    keys = [(t, s, i) for t, by in truth.items() for s, i in by]
+    monkeypatch.setattr(report_inputs, "SAMPLE_BUDGET", 10_000)
+    monkeypatch.setattr(report_inputs, "OUTPUT_TEXT_BUDGET", sum(len(_output(*key, k)) for key in keys for k in range(3)))
+    page = open(build_report(str(results), "s"), encoding="utf-8").read()
+    [block] = _script_json(page, r'<script type="application/json" id="rlgrad-inputs">(.*?)</script>')
+    assert block["limits"]["samples_per_input"] == 3
+    assert np.diff(block["samples"]["start"]).tolist() == [3] * 28
 
 
 def test_failed_trial_is_listed_with_its_cause(sweep):
