@@ -70,6 +70,8 @@ SCRIPT = r"""
   const block = document.getElementById("rlgrad-inputs");
   const D = block ? JSON.parse(block.textContent) : null;
   const esc = s => String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+  // plotly's hover labels decode &amp; &lt; &gt; but show &quot; as typed: quotes stay
+  const escHover = s => String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
   const flat = s => String(s).replace(/\s+/g, " ").trim();
   const cut = (s, n) => { s = flat(s); return s.length > n ? s.slice(0, n - 1) + "\u2026" : s; };
   const f3 = v => v === null || v === undefined ? "\u2013" : v.toFixed(3);
@@ -86,13 +88,13 @@ SCRIPT = r"""
 
   // the hover label of input row r: plotly renders <br> and <b>, and &lt; entities
   function hoverText(r) {
-    const lines = ["<b>input " + R.input[r] + "</b> \u00b7 " + esc(cut(D.trials[R.trial[r]], 70)) +
+    const lines = ["<b>input " + R.input[r] + "</b> \u00b7 " + escHover(cut(D.trials[R.trial[r]], 70)) +
                    (multiStep ? " \u00b7 step " + R.step[r] : ""),
-                   "prompt: " + esc(cut(D.prompts[R.prompt[r]], 90)),
+                   "prompt: " + escHover(cut(D.prompts[R.prompt[r]], 90)),
                    "reward mean " + f3(R.mean[r]) + " \u00b7 std " + f3(R.std[r]) + " \u00b7 grad norm " + g3(R.grad[r])];
     const shown = samplesOf(r).slice(0, D.limits.hover_samples);
     if (shown.length) lines.push("samples (" + shown.length + " of " + R.k[r] + "), reward: output");
-    for (const s of shown) lines.push("\u00a0\u00a0" + f3(s.reward) + ": " + esc(cut(s.output, 60) || "(empty)"));
+    for (const s of shown) lines.push("\u00a0\u00a0" + f3(s.reward) + ": " + escHover(cut(s.output, 60) || "(empty)"));
     return lines.join("<br>");
   }
 

@@ -37,7 +37,7 @@ def _prompt(i: int) -> str:
 
 
 def _output(trial: str, step: int, i: int, k: int) -> str:
-    return f"out<{trial}|s{step}|i{i}|k{k}>"
+    return f'out<{trial}|s{step}|i{i}|k{k}>"&\''  # markup characters a browser must show as typed
 
 
 def _write_trial(results, trial, rewards, steps=(0,), grad=True, parent=None):
@@ -254,7 +254,7 @@ def test_in_chromium_the_hover_and_the_table_show_the_input(sweep):
     assert (mean, std) == pytest.approx((want["mean"], want["std"]), abs=1.1e-3)  # 3 decimals
     assert grad == pytest.approx(want["grad"], rel=6e-3)  # 3 significant digits
     assert f"samples (4 of {K}), reward: output" in label
-    listed = re.findall(r"([\d.]+): (out<[^>]*>)", label)
+    listed = re.findall(r"([\d.]+): (out<[^>]*>\S*)", label)
     assert [o for _, o in listed] == [_output(trial, 0, i, k) for k in range(4)]  # four in a hover; all K in the table
     assert [float(r) for r, _ in listed] == pytest.approx(want["rewards"][:4], abs=1.1e-3)
     # the table: 28 rows, sorted by reward std, the std-0 inputs first; a click opens all K samples
