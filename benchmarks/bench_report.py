@@ -147,7 +147,6 @@ SHOW = """<script>
   const gd = document.querySelector("div.plot"), t = gd._fullData[0], n = POINT;
   if (ACTION === "none") return;
   if (ACTION === "hover") {
-    window.scrollTo(0, gd.getBoundingClientRect().top + window.scrollY - 20);
     Plotly.Fx.hover(gd, {xpx: gd._fullLayout.xaxis.d2p(t.x[n]), ypx: gd._fullLayout.yaxis.d2p(t.y[n])}, "xy");
   } else {
     gd.emit("plotly_click", {points: [{data: gd.data[0], customdata: gd.data[0].customdata[n]}]});
@@ -232,7 +231,7 @@ def main() -> None:
         if args.screenshot:
             full = args.screenshot.removesuffix(".png")
             screenshot(page, f"{full}-page.png", profile, action="none", size="1400,2400")
-            screenshot(page, f"{full}-hover.png", profile, action="hover", point=args.inputs // 3)
+            screenshot(page, f"{full}-hover.png", profile, action="hover", point=args.inputs // 3, size="1400,1150")
             screenshot(page, f"{full}-click.png", profile, action="click", point=args.inputs // 3)
             print(f"screenshots: {full}-page.png (the page's top), -hover.png (a hover), -click.png (a point clicked)")
     finally:
