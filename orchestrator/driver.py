@@ -24,6 +24,7 @@ from workloads.core.storage import ShardWriter, resolve
 
 from .spec import ResolvedTrial, SpecError, StageSpec, SweepSpec, grid_points, resolve_trial, resolved_spec_yaml
 from .tables_io import read_table
+from .trial_errors import error_cause
 
 
 class SweepError(RuntimeError):
@@ -489,7 +490,7 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
                                                             if result.checkpoint else None)
                 outcomes.append(TrialOutcome(trial, "TERMINATED", ckpt, metrics))
             else:
-                outcomes.append(TrialOutcome(trial, "ERROR", None, metrics, error=str(result.error).splitlines()[0][:500]))
+                outcomes.append(TrialOutcome(trial, "ERROR", None, metrics, error=error_cause(result.error)))
     for outcome in outcomes:
         if outcome.status != "SKIPPED":
             _record_trial(results, spec.sweep, outcome)
