@@ -13,17 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
 import time
 from dataclasses import dataclass, field
 
-import pyarrow.fs as pafs
-
 from workloads import WORKLOADS
-from workloads.core.storage import ShardWriter, resolve
+from workloads.core.storage import ResultsRoot, TrialStorage
 
 from .spec import ResolvedTrial, SpecError, StageSpec, SweepSpec, grid_points, resolve_trial, resolved_spec_yaml
-from .tables_io import read_table
 
 
 class SweepError(RuntimeError):
@@ -35,7 +31,7 @@ class StagePlan:
     """Everything a Tune trial of one stage needs; shipped to the trial actor."""
 
     sweep: str
-    results: str  # results root, local absolute path or URI
+    root: ResultsRoot
     stage: StageSpec
     parent_checkpoints: dict[str, str]  # parent trial id -> checkpoint URI
     show_progress: bool = True
@@ -50,87 +46,14 @@ class TrialOutcome:
     error: str | None = None
 
 
-# ---------------------------------------------------------------- storage helpers
-
-
-def sweep_uri(results: str, sweep: str) -> str:
-    return posixpath.join(results, sweep) if "://" in results else os.path.join(os.path.abspath(results), sweep)
-
-
-def _write_text(uri: str, text: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def _read_text(uri: str) -> str | None:
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
-def check_storage(results: str) -> None:
-    """Fail early, in one line, when the results root cannot be written."""
-    import uuid
-
-    probe = posixpath.join(results if "://" in results else os.path.abspath(results), f".rlgrad-probe-{uuid.uuid4().hex}")
-    try:
-        fs, path = resolve(probe)
-        _write_text(probe, "probe")
-        fs.delete_file(path)
-    except Exception as e:  # pyarrow raises OSError, ValueError, ArrowInvalid... for the many ways storage fails
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SpecError(f"cannot write results to {results}: {reason}") from None
-
-
-class SweepLock:
-    """One driver per sweep directory at a time (local results roots): a second
-    `rlgrad run` of the same sweep is refused while the first is alive."""
-
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, ".driver.lock") if "://" not in sweep_dir else None
-        self.held = False
-
-    def acquire(self) -> None:
-        if self.path is None:
-            return  # object stores have no exclusive create; documented in docs/architecture.md
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(open(self.path).read().split()[0])
-                    os.kill(pid, 0)
-                except (ValueError, IndexError, ProcessLookupError, FileNotFoundError):
-                    os.unlink(self.path)  # left by a driver that died: take over
-                    continue
-                except PermissionError:
-                    pass
-                raise SpecError(f"sweep directory {os.path.dirname(self.path)} is in use by another rlgrad run "
-                                f"(pid {pid}); wait for it or give this sweep another name") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {time.time():.0f}\n")
-            self.held = True
-            return
-
-    def release(self) -> None:
-        if self.held and self.path and os.path.exists(self.path):
-            os.unlink(self.path)
-        self.held = False
-
-
-def check_results_dir(spec: SweepSpec, results: str) -> bool:
+def check_results_dir(spec: SweepSpec, root: ResultsRoot) -> bool:
     """Refuse to mix two different sweeps under one name. True when resuming."""
-    existing = _read_text(posixpath.join(sweep_uri(results, spec.sweep), "sweep.yaml"))
+    existing = root.read_text(spec.sweep, "sweep.yaml")
     if existing is None:
         return False
     if existing != resolved_spec_yaml(spec):
         raise SpecError(
-            f"{sweep_uri(results, spec.sweep)} already holds a different sweep named {spec.sweep!r} "
+            f"{root.uri(spec.sweep)} already holds a different sweep named {spec.sweep!r} "
             "(its sweep.yaml differs); give this sweep another name, another --results, or delete that directory"
         )
     return True
@@ -175,17 +98,18 @@ def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, 
         model_source = f"{getattr(config, field)} {loop_config['parent_checkpoint']}"
         local_dir = Checkpoint(loop_config["parent_checkpoint"]).to_directory()
         config = config.model_copy(update={field: local_dir})
+    storage = ResultsRoot(loop_config["results"]).trial_storage(**loop_config["identity"])
     record = _dashboard_gauges(loop_config["identity"])
 
     def report_fn(metrics: dict, checkpoint_dir: str | None) -> None:
         record(metrics)
         if rank == 0:  # the trial's final result (and Optuna) read the last report from here
-            _write_text(loop_config["last_metrics_uri"], json.dumps(metrics, default=float))
+            storage.write_text("last_metrics.json", json.dumps(metrics, default=float))
         report(metrics, checkpoint_dir)
 
-    placement = _placement_record(loop_config, rank, device)
+    placement = _placement_record(storage, rank, device)
     ctx = WorkloadContext(
-        writer=ShardWriter(loop_config["results"], **loop_config["identity"]),
+        writer=storage,
         rank=rank,
         world_size=world_size,
         device=device,
@@ -199,14 +123,13 @@ def _run_in_context(loop_config: dict, rank: int, world_size: int, device: str, 
     placement(finished=True)
 
 
-def _placement_record(loop_config: dict, rank: int, device: str):
+def _placement_record(storage: TrialStorage, rank: int, device: str):
     """Write trials/<stage>/<trial>/workers/rank-<r>.json: where and when this worker ran."""
     import socket
 
     import ray
 
     runtime = ray.get_runtime_context()
-    uri = loop_config["last_metrics_uri"].rsplit("/", 1)[0] + f"/workers/rank-{rank}.json"
     record = {"rank": rank, "node_id": runtime.get_node_id(), "hostname": socket.gethostname(),
               "pid": os.getpid(), "device": device, "started": time.time(), "finished": None,
               "assigned_resources": runtime.get_assigned_resources()}
@@ -214,7 +137,7 @@ def _placement_record(loop_config: dict, rank: int, device: str):
     def write(finished: bool = False) -> None:
         if finished:
             record["finished"] = time.time()
-        _write_text(uri, json.dumps(record, indent=2))
+        storage.write_text(f"workers/rank-{rank}.json", json.dumps(record, indent=2))
 
     write()
     return write
@@ -269,7 +192,7 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
             f"trial {named}: this node resolves its config to {trial.trial_id}; the driver and the Ray "
             "nodes run different versions of rlgrad (install the same version everywhere)"
         )
-    base = sweep_uri(plan.results, plan.sweep)
+    storage = plan.root.trial_storage(plan.sweep, trial.stage, trial.trial_id, trial.config_hash)
     record = {
         "sweep": plan.sweep,
         "stage": trial.stage,
@@ -280,7 +203,7 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
         "parent_trial": trial.parent_trial,
         "config": trial.config.model_dump(mode="json"),
     }
-    _write_text(posixpath.join(base, "trials", trial.stage, trial.trial_id, "config.json"), json.dumps(record, indent=2))
+    storage.write_text("config.json", json.dumps(record, indent=2))
 
     scaling = plan.stage.scaling
     loop_config = {
@@ -289,17 +212,16 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
         "checkpoint_field": WORKLOADS[trial.workload].config.checkpoint_field,
         "parent_checkpoint": plan.parent_checkpoints.get(trial.parent_trial) if trial.parent_trial else None,
         "identity": {"sweep": plan.sweep, "stage": trial.stage, "trial": trial.trial_id, "config_hash": trial.config_hash},
-        "results": plan.results,
+        "results": plan.root.location,
         "show_progress": plan.show_progress,
         "cpus_per_worker": scaling.cpus_per_worker,
-        "last_metrics_uri": posixpath.join(base, "trials", trial.stage, trial.trial_id, "last_metrics.json"),
     }
 
     def final_result(checkpoint_uri: str | None) -> dict:
         """The last metrics rank 0 reported, a summary of the trial's inputs rows, and its identity."""
-        last = json.loads(_read_text(loop_config["last_metrics_uri"]) or "{}")
+        last = json.loads(storage.read_text("last_metrics.json") or "{}")
         final = {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))}
-        final.update(inputs_summary(plan.results, plan.sweep, trial.stage, trial.trial_id))
+        final.update(inputs_summary(storage))
         final["rlgrad_trial"] = trial.trial_id
         final["rlgrad_checkpoint"] = checkpoint_uri or ""
         return final
@@ -318,7 +240,7 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
         ),
         run_config=RunConfig(
             name=trial.trial_id,
-            storage_path=posixpath.join(base, "checkpoints", trial.stage),
+            storage_path=plan.root.uri(plan.sweep, "checkpoints", trial.stage),
             failure_config=FailureConfig(max_failures=plan.stage.failure.max_failures),
             callbacks=[TuneReportCallback()],
         ),
@@ -326,15 +248,14 @@ def _trial_fn(tune_config: dict, plan: StagePlan) -> dict:
     result = trainer.fit()
     # Train V2's result keeps only checkpointed metrics, and rank 0 sees only its
     # share of the inputs: take its last report and summarise all workers' rows.
-    return final_result(_checkpoint_uri(result.checkpoint, plan.results) if result.checkpoint else None)
+    return final_result(plan.root.uri_of(result.checkpoint.path) if result.checkpoint else None)
 
 
-def inputs_summary(results: str, sweep: str, stage: str, trial: str,
-                   thresholds: tuple[float, ...] = (0.01, 0.05, 0.1)) -> dict[str, float]:
+def inputs_summary(storage: TrialStorage, thresholds: tuple[float, ...] = (0.01, 0.05, 0.1)) -> dict[str, float]:
     """Key numbers of one trial's `inputs` rows (empty if it wrote none)."""
     import pyarrow.compute as pc
 
-    table = read_table(results, sweep, "inputs", stage, trial)
+    table = storage.read_table("inputs")
     if table is None or table.num_rows == 0:
         return {}
     table = table.filter(pc.equal(table["step"], pc.max(table["step"])))  # the model as the trial left it
@@ -349,13 +270,6 @@ def inputs_summary(results: str, sweep: str, stage: str, trial: str,
     if table["grad_norm"].null_count < table.num_rows:
         summary["grad_norm_mean"] = pc.mean(table["grad_norm"]).as_py()
     return summary
-
-
-def _checkpoint_uri(checkpoint, results: str) -> str:
-    if "://" in results:
-        scheme = results.split("://", 1)[0]
-        return f"{scheme}://{checkpoint.path}"
-    return checkpoint.path
 
 
 # ---------------------------------------------------------------- the driver
@@ -374,9 +288,9 @@ def _max_concurrent(stage: StageSpec, override: int | None) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def _finished_trials(results: str, sweep: str) -> dict[str, dict]:
+def _finished_trials(root: ResultsRoot, sweep: str) -> dict[str, dict]:
     """Trials of this sweep that finished in an earlier run, by trial id."""
-    table = read_table(results, sweep, "trials")
+    table = root.read_table(sweep, "trials")
     if table is None:
         return {}
     return {row["trial"]: row for row in table.to_pylist() if row["status"] == "TERMINATED"}
@@ -411,14 +325,13 @@ def _trial_name(stage: StageSpec, tune_config: dict) -> str:
     return resolve_trial(stage, point["params"], point["parent"]).trial_id
 
 
-def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoints: dict[str, str],
+def _run_stage(spec: SweepSpec, stage: StageSpec, root: ResultsRoot, parent_checkpoints: dict[str, str],
                finished: dict[str, dict], show_progress: bool, max_concurrent: int | None) -> list[TrialOutcome]:
     from ray import tune
 
     parents = list(parent_checkpoints) if stage.from_stage else [None]
-    plan = StagePlan(spec.sweep, results, stage, parent_checkpoints, show_progress)
+    plan = StagePlan(spec.sweep, root, stage, parent_checkpoints, show_progress)
     outcomes: list[TrialOutcome] = []
-    base = sweep_uri(results, spec.sweep)
     # Inline trials run the workload in the trial process, so it holds the worker's
     # resources, and Tune may hand the process to the next trial (no new actor and
     # no re-import per trial). A trial hosting a TorchTrainer holds nothing itself.
@@ -432,7 +345,7 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
         resources = {"cpu": 0, "memory": 64 * 1024**2}
     trainable = tune.with_resources(tune.with_parameters(_trial_fn, plan=plan), resources)
     tune_run = dict(
-        storage_path=posixpath.join(base, "_tune"),
+        storage_path=root.uri(spec.sweep, "_tune"),
         callbacks=[_make_progress_callback(stage)],
         # inline trials are restarted by Tune (from their last checkpoint);
         # worker groups by Ray Train's FailureConfig
@@ -485,14 +398,14 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, results: str, parent_checkpoin
             trial = resolve_trial(stage, point["params"], point["parent"])
             metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
             if result.error is None:
-                ckpt = metrics.get("rlgrad_checkpoint") or (_checkpoint_uri(result.checkpoint, results)
+                ckpt = metrics.get("rlgrad_checkpoint") or (root.uri_of(result.checkpoint.path)
                                                             if result.checkpoint else None)
                 outcomes.append(TrialOutcome(trial, "TERMINATED", ckpt, metrics))
             else:
                 outcomes.append(TrialOutcome(trial, "ERROR", None, metrics, error=str(result.error).splitlines()[0][:500]))
     for outcome in outcomes:
         if outcome.status != "SKIPPED":
-            _record_trial(results, spec.sweep, outcome)
+            _record_trial(root, spec.sweep, outcome)
     return outcomes
 
 
@@ -507,9 +420,9 @@ def _workload_metrics(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith(("rlgrad_", "config/")) and k not in _TUNE_KEYS}
 
 
-def _record_trial(results: str, sweep: str, outcome: TrialOutcome) -> None:
+def _record_trial(root: ResultsRoot, sweep: str, outcome: TrialOutcome) -> None:
     trial = outcome.trial
-    writer = ShardWriter(results, sweep, trial.stage, trial.trial_id, trial.config_hash)
+    writer = root.trial_storage(sweep, trial.stage, trial.trial_id, trial.config_hash)
     metrics = _workload_metrics(outcome.metrics)
     if outcome.error:
         metrics["error"] = outcome.error
@@ -541,11 +454,11 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
     (None: start an embedded local cluster)."""
     import ray
 
-    results = results if "://" in results else os.path.abspath(results)
-    check_storage(results)
-    resuming = check_results_dir(spec, results)
-    base = sweep_uri(results, spec.sweep)
-    lock = SweepLock(base)
+    root = ResultsRoot(results)
+    root.check_writable()
+    resuming = check_results_dir(spec, root)
+    base = root.uri(spec.sweep)
+    lock = root.sweep_lock(spec.sweep)
     lock.acquire()
     started_here = not ray.is_initialized()
     try:
@@ -555,13 +468,13 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
         else:
             context = ray.get_runtime_context()
         dashboard = getattr(context, "dashboard_url", None)
-        _write_text(posixpath.join(base, "sweep.yaml"), resolved_spec_yaml(spec))
+        root.write_text(spec.sweep, "sweep.yaml", text=resolved_spec_yaml(spec))
         _progress(f"sweep {spec.sweep!r}: {len(spec.stages)} stage(s); results in {base}")
         if dashboard:
             _progress(f"Ray dashboard: http://{dashboard}" if "://" not in dashboard else f"Ray dashboard: {dashboard}")
         if resuming:
             _progress("this sweep ran here before: finished trials are skipped")
-        finished = _finished_trials(results, spec.sweep) if resuming else {}
+        finished = _finished_trials(root, spec.sweep) if resuming else {}
         outcomes: dict[str, list[TrialOutcome]] = {}
         for stage in spec.stages:
             parent_checkpoints: dict[str, str] = {}
@@ -573,7 +486,7 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
                                      "which has no finished trial with a checkpoint")
             t0 = time.time()
             _progress(f"stage {stage.name} ({stage.workload}): starting")
-            outcomes[stage.name] = _run_stage(spec, stage, results, parent_checkpoints, finished, show_progress, max_concurrent)
+            outcomes[stage.name] = _run_stage(spec, stage, root, parent_checkpoints, finished, show_progress, max_concurrent)
             ok = sum(o.status != "ERROR" for o in outcomes[stage.name])
             _progress(f"stage {stage.name}: {ok}/{len(outcomes[stage.name])} trials done in {time.time() - t0:.0f}s")
         return SweepOutcome(base, outcomes, dashboard)

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import html
 import json
-import posixpath
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from workloads.core.storage import resolve
-
-from .tables_io import table_dataset
+from workloads.core.storage import ResultsRoot
 
 STD_THRESHOLDS = (0.01, 0.05, 0.1, 0.2)
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
@@ -31,9 +28,10 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 def load_sweep_frames(results: str, sweep: str) -> dict[str, pd.DataFrame]:
     """The sweep's tables as DataFrames (empty frames where a table has no rows)."""
+    root = ResultsRoot(results)
     frames: dict[str, pd.DataFrame] = {}
     for name in ("inputs", "trials", "metrics"):
-        dataset = table_dataset(results, sweep, name)
+        dataset = root.table_dataset(sweep, name)
         frames[name] = dataset.to_table().to_pandas() if dataset is not None else pd.DataFrame()
     return frames
 
@@ -264,8 +262,6 @@ leave-one-out-baseline policy-gradient estimate over all trainable parameters. T
 <code>inputs.parquet</code>, <code>samples/</code>, <code>metrics/</code> and <code>trials/</code> beside this file
 (query them with <code>rlgrad query</code>).</p>
 {''.join(body)}</body></html>"""
-    fs, base = resolve(results)
-    path = posixpath.join(base, sweep, "report.html")
-    with fs.open_output_stream(path) as f:
-        f.write(page.encode())
-    return path if "://" not in results else f"{results.split('://', 1)[0]}://{path}"
+    root = ResultsRoot(results)
+    root.write_text(sweep, "report.html", text=page)
+    return root.uri(sweep, "report.html")
