@@ -73,7 +73,7 @@ def test_atomic_writes_leave_no_temporary_and_replace_whole_shards(tmp_path):
     assert os.listdir(shard_dir) == ["steps.parquet"]
     trial.write("metrics", "steps", [{**METRIC_ROW, "step": 3}])  # a retry rewrites the same name
     assert os.listdir(shard_dir) == ["steps.parquet"]
-    assert trial.read("metrics", "steps", columns=["step"]).to_pylist() == [{"step": 3}]
+    assert trial.read("metrics", "steps", ["step"]) == [{"step": 3}]
     # a writer that died mid-write leaves a hidden temporary: readers never take it
     (shard_dir / ".steps-2.parquet.0123.tmp").write_bytes(b"half a shard")
     table = trial.read_table("metrics")
