@@ -1,7 +1,7 @@
 """report.html for a big trial: its size, how long it takes to build, and how long
 headless Chromium takes to load and draw it.
 
-Writes a synthetic sweep with the real writers (ShardWriter -> samples, inputs and
+Writes a synthetic sweep with the real writers (ResultsRoot.trial_storage -> samples, inputs and
 trials shards; aggregate_sweep -> inputs.parquet): one extraction trial of
 --inputs inputs x --k samples (default 10,000 x 8) plus a failed trial, then
 builds the report and opens it in headless Chromium, --repeats times. A probe
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from orchestrator.aggregate import aggregate_sweep  # noqa: E402
 from orchestrator.report import build_report  # noqa: E402
-from workloads.core.storage import ShardWriter  # noqa: E402
+from workloads.core.storage import ResultsRoot  # noqa: E402
 
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz "))
 SHARD = 256
@@ -51,7 +51,7 @@ def _text(rng, mean_chars: int) -> str:
 def write_sweep(results: str, sweep: str, num_inputs: int, k: int, prompt_chars: int, output_chars: int,
                 seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(results, sweep, "extract", "extract-bench", "hash-bench")
+    writer = ResultsRoot(results).trial_storage(sweep, "extract", "extract-bench", "hash-bench")
     # per input: a success probability drawn so that reward stds cover 0 .. 0.5
     p_success = rng.beta(0.4, 0.4, num_inputs)
     for lo in range(0, num_inputs, SHARD):
@@ -81,7 +81,7 @@ def write_sweep(results: str, sweep: str, num_inputs: int, k: int, prompt_chars:
     writer.write("trials", "trial", [{"workload": "extract", "params": json.dumps({"temperature": 1.0}),
                                       "config": "{}", "parent_trial": None, "status": "TERMINATED",
                                       "checkpoint": None, "metrics": json.dumps({"eval_reward_mean": 0.5})}])
-    failed = ShardWriter(results, sweep, "extract", "extract-failed", "hash-failed")
+    failed = ResultsRoot(results).trial_storage(sweep, "extract", "extract-failed", "hash-failed")
     failed.write("trials", "trial", [{"workload": "extract", "params": json.dumps({"temperature": 2.0}),
                                       "config": "{}", "parent_trial": None, "status": "ERROR", "checkpoint": None,
                                       "metrics": json.dumps({"error": "ValueError: boom: temperature=2.0 diverged"})}])

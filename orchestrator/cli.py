@@ -129,7 +129,7 @@ def _cmd_config(args) -> int:
         print("  Writes a checkpoint that a later stage can start from (`from_stage:`).")
     rows = describe_fields(config_cls)
     name_width = max(len(name) for name, *_ in rows)
-    print(f"\nfields (keys of a stage's `config:`; dotted names reach nested configs, e.g. in `search:`):\n")
+    print("\nfields (keys of a stage's `config:`; dotted names reach nested configs, e.g. in `search:`):\n")
     for name, type_name, default, description in rows:
         head = f"{name:<{name_width}}  {type_name}"
         head = f"{head} = {default}" if len(head) + len(default) + 3 <= TERMINAL_WIDTH else f"{head}\n    = {default}"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import json
-import posixpath
 
 import numpy as np
 import pandas as pd
@@ -29,11 +28,10 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from workloads.core.config import REWARD_STD_THRESHOLDS
-from workloads.core.storage import resolve
+from workloads.core.storage import ResultsRoot
 
 from .report_inputs import inputs_payload, load_samples, samples_per_input, within_text_budget
 from .report_page import INPUTS_SECTION, figure_block, page_html
-from .tables_io import table_dataset
 from .trial_errors import strip_ansi
 
 # plotly marks the traces whose points are inputs (customdata = row of the per-input block)
@@ -43,9 +41,10 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 def load_sweep_frames(results: str, sweep: str) -> dict[str, pd.DataFrame]:
     """The sweep's tables as DataFrames (empty frames where a table has no rows)."""
+    root = ResultsRoot(results)
     frames: dict[str, pd.DataFrame] = {}
     for name in ("inputs", "trials", "metrics"):
-        dataset = table_dataset(results, sweep, name)
+        dataset = root.table_dataset(sweep, name)
         frames[name] = dataset.to_table().to_pandas() if dataset is not None else pd.DataFrame()
     return frames
 
@@ -309,8 +308,6 @@ def build_report(results: str, sweep: str) -> str:
            if block is not None else "")
     intro = f"<h1>rlgrad sweep <code>{html.escape(sweep)}</code></h1>{nav}" + INTRO.format(drill=DRILL if block else "")
     page = page_html(f"rlgrad: {sweep}", intro, "".join(body), block, get_plotlyjs() if figures else None)
-    fs, base = resolve(results)
-    path = posixpath.join(base, sweep, "report.html")
-    with fs.open_output_stream(path) as f:
-        f.write(page.encode())
-    return path if "://" not in results else f"{results.split('://', 1)[0]}://{path}"
+    root = ResultsRoot(results)
+    root.write_text(sweep, "report.html", text=page)
+    return root.uri(sweep, "report.html")

@@ -33,8 +33,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 
 from workloads.core.config import REWARD_STD_THRESHOLDS
-
-from .tables_io import shard_dataset
+from workloads.core.storage import ResultsRoot
 
 PROMPT_CHARS = 600  # per prompt in the page (the table shows this much; hovers less)
 OUTPUT_CHARS = 300  # per sampled output in the page
@@ -55,7 +54,7 @@ def samples_per_input(num_rows: int, max_k: int) -> int:
 def load_samples(results: str, sweep: str, per_input: int) -> pd.DataFrame:
     """The first `per_input` samples of every input: trial, step, input_id, sample_idx, reward, output."""
     columns = [*ROW_KEYS, "sample_idx", "reward", "output"]
-    dataset = shard_dataset(results, sweep, "samples")
+    dataset = ResultsRoot(results).shard_dataset(sweep, "samples")
     if dataset is None or per_input <= 0:
         return pd.DataFrame(columns=columns)
     return dataset.to_table(columns=columns, filter=ds.field("sample_idx") < per_input).to_pandas()

@@ -24,7 +24,7 @@ from orchestrator.aggregate import aggregate_sweep
 from orchestrator.report import build_report
 from orchestrator.trial_errors import error_cause
 from workloads.core.config import REWARD_STD_THRESHOLDS
-from workloads.core.storage import ShardWriter
+from workloads.core.storage import ResultsRoot
 
 K = 6
 # prompts a page must not choke on: markup, a script end tag, non-ASCII, a newline
@@ -42,7 +42,7 @@ def _output(trial: str, step: int, i: int, k: int) -> str:
 
 def _write_trial(results, trial, rewards, steps=(0,), grad=True, parent=None):
     """rewards[step][input_id] = K rewards; returns what was written, keyed (step, input)."""
-    writer = ShardWriter(str(results), "s", "extract", trial, "hash-" + trial)
+    writer = ResultsRoot(str(results)).trial_storage("s", "extract", trial, "hash-" + trial)
     samples, inputs, truth = [], [], {}
     for step in steps:
         for i, r in rewards[step].items():
@@ -72,7 +72,7 @@ def sweep(tmp_path):
     b = {s: {i: rng.random(K).round(3) for i in range(8)} for s in (0, 5)}
     truth = {"extract-a": _write_trial(tmp_path, "extract-a", a),
              "extract-b": _write_trial(tmp_path, "extract-b", b, steps=(0, 5))}
-    ShardWriter(str(tmp_path), "s", "extract", "extract-c", "hash-c").write("trials", "trial", [{
+    ResultsRoot(str(tmp_path)).trial_storage("s", "extract", "extract-c", "hash-c").write("trials", "trial", [{
         "workload": "extract", "params": json.dumps({"name": "extract-c"}), "config": "{}", "parent_trial": None,
         "status": "ERROR", "checkpoint": None,
         # as a run before the cause was extracted recorded it: Ray's first line, in ANSI colours

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .storage import ShardWriter
+from .storage import ResultsRoot, TrialStorage
 
 # report_fn(metrics, checkpoint_dir or None); the checkpoint dir is a local
 # directory the workload filled (save_pretrained, torch state) and may delete
@@ -22,7 +22,7 @@ ReportFn = Callable[[dict, "str | None"], None]
 
 @dataclass
 class WorkloadContext:
-    writer: ShardWriter
+    writer: TrialStorage  # this trial's shards (and small files) in the results root
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
@@ -88,15 +88,16 @@ def local_context(results: str, sweep: str = "local", stage: str = "stage", tria
                   config_hash: str = "local", device: str = "cpu", show_progress: bool = True) -> WorkloadContext:
     """A single-process context without Ray: checkpoints are copied to
     <results>/<sweep>/checkpoints/<stage>/<trial>/ and the last metrics kept."""
-    writer = ShardWriter(results, sweep, stage, trial, config_hash)
-    ctx = WorkloadContext(writer=writer, device=device, show_progress=show_progress)
+    root = ResultsRoot(results)
+    ctx = WorkloadContext(writer=root.trial_storage(sweep, stage, trial, config_hash), device=device,
+                          show_progress=show_progress)
     ctx.reported = []  # type: ignore[attr-defined]
     ctx.checkpoint_path = None  # type: ignore[attr-defined]
 
     def report_fn(metrics: dict, checkpoint_dir: str | None) -> None:
         ctx.reported.append(dict(metrics))  # type: ignore[attr-defined]
         if checkpoint_dir is not None:
-            dest = os.path.join(os.path.abspath(results), sweep, "checkpoints", stage, trial)
+            dest = root.uri(sweep, "checkpoints", stage, trial)  # a local path: results is local here
             if os.path.exists(dest):
                 shutil.rmtree(dest)
             shutil.copytree(checkpoint_dir, dest)
