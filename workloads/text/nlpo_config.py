@@ -10,7 +10,7 @@ from .ppo_config import PPOConfig
 
 
 class NLPOConfig(PPOConfig):
-    """NLPO: PPO in a masked action space, the mask from a periodically refreshed copy of the policy.
+    """NLPO: PPO within the top-p action mask of a periodically refreshed policy copy.
 
     Natural Language Policy Optimization (Ramamurthy et al. 2023, RL4LMs;
     rl4lms/algorithms/nlpo/nlpo.py and MaskedCausalLMActorCriticPolicy in
