@@ -11,8 +11,8 @@ interleaved (each repeat runs both, so a noisy neighbour slows both alike):
               one decode and one reward call per sample
   extraction  what workloads/extract.py runs: prompts bucketed by length, per
               batch ONE generate() with num_return_sequences=K
-              (extract.sample_outputs), one batch_decode and ONE reward call
-              (extract.score_outputs)
+              (sampling.sample_outputs), one batch_decode and ONE reward call
+              (sampling.score_outputs)
 Prints median and min-max over --repeats runs after a warm-up, the ratio, and
 generated tokens/s. The model is random-init (no hub), so it rarely samples
 EOS: nearly every sample runs to max_new_tokens on both paths.
@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from workloads.text.extract import sample_outputs, score_outputs  # noqa: E402
+from workloads.text.sampling import sample_outputs, score_outputs  # noqa: E402
 from workloads.text.models import encode_prompts, generate_outputs, load_model_and_tokenizer  # noqa: E402
 from workloads.text.rewards import get_reward  # noqa: E402
 from workloads.text.tasks import choose_inputs, get_examples, prompt_text, references, resolve_reward  # noqa: E402

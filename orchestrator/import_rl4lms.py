@@ -19,9 +19,15 @@ rlgrad cannot honour (beam search, a datapool argument other than the prompt
 format rlgrad implements), is an error naming the field.
 
 NLPO (rl4lms/algorithms/nlpo/) becomes a stage of workload `nlpo`: the PPO
-fields plus the mask policy's (see NLPO_FIELDS and docs/fidelity.md). That
-workload is not registered yet, so `rlgrad import` validates the PPO part of
-such a stage and defers the rest (it says so).
+fields plus the mask policy's, under the reference's names (NLPO_FIELDS;
+workloads/text/nlpo_config.py). Where a workload is not registered, `rlgrad
+import` validates the PPO part of such a stage and defers the rest (it says so).
+
+PPO's rollout keeps the reference's size and minibatching: `n_steps` x `n_envs`
+token transitions per iteration become rollout_tokens, filled by batches of
+`n_envs` prompts (inputs_per_rollout), and `batch_size` stays a count of token
+transitions (minibatch_size). One deliberate difference: K = 4 completions per
+prompt (RL4LMs draws one), so that each prompt's reward std is observed.
 
 Sweeps are named rl4lms_<task>_<algorithm>[_on_supervised] (unique over the 42
 originals) and carry a provenance line naming apple/ml-rlgrad and the original path.
@@ -29,14 +35,13 @@ originals) and carry a provenance line naming apple/ml-rlgrad and the original p
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import yaml
 
 from .import_notes import Note, provenance
-from .spec import _YamlLoader as YamlLoader
+from .spec import YamlLoader
 
 # RL4LMs datapool id -> (rlgrad task, datapool arguments and the only values rlgrad implements)
 DATAPOOLS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -81,8 +86,8 @@ PPO_ARGS = {"learning_rate": "learning_rate", "n_epochs": "ppo_epochs", "batch_s
 
 # NLPO's mask-policy fields (rl4lms/algorithms/nlpo/policies.py, maskable_*_lm_actor_critic_policy args)
 # -> the field names the `nlpo` workload's config is expected to have (docs/fidelity.md)
-NLPO_FIELDS = {"top_mask": "mask_top_p", "target_update_iterations": "mask_update_every_rollouts",
-               "mask_type": "mask_type", "min_tokens_to_keep": "mask_min_tokens_to_keep"}
+NLPO_FIELDS = {"top_mask": "top_mask", "target_update_iterations": "target_update_iterations",
+               "mask_type": "mask_type", "min_tokens_to_keep": "min_tokens_to_keep"}
 
 POLICIES = {"ppo": {"causal_lm_actor_critic_policy": True, "seq2seq_lm_actor_critic_policy": False},
             "nlpo": {"maskable_causal_lm_actor_critic_policy": True, "maskable_seq2seq_lm_actor_critic_policy": False}}
@@ -273,9 +278,6 @@ def _ppo_config(reader: "_Reader", task: str, alg_id: str) -> tuple[dict, bool]:
     values["kl_coef"] = reader.take("alg.kl_div.coeff")
     if reader.has("alg.kl_div.target_kl"):
         values["target_kl"] = reader.take("alg.kl_div.target_kl")
-        reader.notes.append(Note("alg.kl_div.target_kl", values["target_kl"], reader.stage, "target_kl",
-                                 "reference: per-token mean KL, beta <- beta (1 + 0.1 clip(e)) (kl_controllers.py); "
-                                 "rlgrad's controller semantics are issue 10 item 3, handled with ppo.py"))
     values.update(_reward(reader, {"id": reader.take("reward_fn.id"), "args": reader.take("reward_fn.args")},
                           "reward_fn"))
 
@@ -313,16 +315,15 @@ def _ppo_config(reader: "_Reader", task: str, alg_id: str) -> tuple[dict, bool]:
                                  "the same side as the environment's (checked)"))
     values["generation"] = generation
 
-    # rollout size: about n_steps * n_envs token steps / episode length completions, >= one minibatch
-    n_steps, n_envs = reader.take("alg.args.n_steps", 128), reader.take("env.n_envs", 1)
-    completions = max(values.get("minibatch_size", 64), n_steps * n_envs / (episode_length or generation["max_new_tokens"]))
+    # the rollout buffer: n_steps x n_envs token transitions, filled by batches of n_envs prompts
+    # (alg_wrappers.py); rlgrad draws K completions per prompt where RL4LMs draws one
+    n_envs = reader.take("env.n_envs", 1)
+    values["rollout_tokens"] = reader.take("alg.args.n_steps", 128) * n_envs
     values["num_samples_per_input"] = PPO_SAMPLES_PER_INPUT
-    values["inputs_per_rollout"] = math.ceil(completions / PPO_SAMPLES_PER_INPUT)
-    why = (f"{n_steps} x {n_envs} token steps / {episode_length or generation['max_new_tokens']} tokens ~ "
-           f"{completions:.0f} completions = {values['inputs_per_rollout']} inputs x {PPO_SAMPLES_PER_INPUT}; "
-           "the optimiser-step count is issue 10 item 1, handled with ppo.py")
-    reader.notes.append(Note("alg.args.n_steps", n_steps, reader.stage, "inputs_per_rollout", why))
-    reader.notes.append(Note("env.n_envs", n_envs, reader.stage, "inputs_per_rollout", why))
+    values["inputs_per_rollout"] = n_envs
+    reader.notes.append(Note("env.n_envs", n_envs, reader.stage, "num_samples_per_input",
+                             f"RL4LMs draws one completion per prompt; rlgrad {PPO_SAMPLES_PER_INPUT} (each prompt's "
+                             f"reward std observed), {n_envs} prompts per batch (inputs_per_rollout)"))
     if reader.has("train_evaluation.n_iters"):
         values["num_rollouts"] = reader.take("train_evaluation.n_iters")
     if reader.has("train_evaluation.eval_every"):

@@ -2,7 +2,7 @@
 reference's layout, sections, fields and values, generated here -- the reference's
 files are not part of this project), on a machine without NLTK data: every one
 imports, names are unique, every file carries its provenance, translated and dropped
-values are printed and commented, NLPO stages are written with validation deferred."""
+values are printed and commented, NLPO stages validate as workload `nlpo`."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def test_every_original_imports_without_nltk_data(originals, no_nltk_data, tmp_p
         assert "rlgrad import: translated or dropped values" in captured.err, relative
         workloads = [s["workload"] for s in spec["stages"]]
         if "nlpo" in relative:
-            assert workloads[-1] == "nlpo" and "use workload 'nlpo', not registered yet" in captured.err
+            assert workloads[-1] == "nlpo"
             nlpo = spec["stages"][-1]["config"]
-            assert {"mask_top_p", "mask_update_every_rollouts", "mask_type", "mask_min_tokens_to_keep"} <= set(nlpo)
+            assert {"top_mask", "target_update_iterations", "mask_type", "min_tokens_to_keep"} <= set(nlpo)
         if relative.endswith("_on_supervised.yml"):
             assert workloads[0] == "sft" and spec["stages"][-1]["from_stage"] == "sft"
             assert "# alg.policy.args.model_name: _ -> the supervised checkpoint" in text
@@ -95,8 +95,9 @@ def test_translations_have_the_reference_meaning(originals, no_nltk_data, capsys
     # NLPO's mask policy
     spec, _ = import_rl4lms_file_with_notes(originals["rl4lms_scripts/training/iwslt2017/t5_nlpo.yml"])
     config = spec["stages"][0]["config"]
-    assert (config["mask_top_p"], config["mask_update_every_rollouts"], config["mask_type"]) == \
-        (0.5, 20, "learned_top_p")
+    assert (config["top_mask"], config["target_update_iterations"], config["mask_type"]) == (0.5, 20, "learned_top_p")
+    # PPO's rollout keeps the reference's size: n_steps x n_envs token transitions, n_envs prompts a batch
+    assert (config["rollout_tokens"], config["inputs_per_rollout"], config["minibatch_size"]) == (5120, 10, 64)
 
 
 def test_a_wrong_side_or_an_unknown_field_is_one_line(originals, tmp_path, capsys):

@@ -170,10 +170,5 @@ def test_rlgrad_import_writes_a_sweep_that_validates(tmp_path, capsys):
 
 
 @pytest.fixture(autouse=True)
-def _hub_assumed_reachable():
-    """These tests check how configs translate, not whether MNIST or t5-base can be
-    downloaded here (that is tests/test_bad_input.py's job)."""
-    from workloads.core.availability import hub_assumed_reachable
-
-    with hub_assumed_reachable():
-        yield
+def _translation_only(hub_assumed_reachable):
+    """These tests check how configs translate, not whether data or models can be had here."""

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import read_local_table
 from workloads.text.sft_config import SFTConfig
 from workloads.core.context import local_context
 from workloads.text.models import encode_prompts, generate_outputs, load_model_and_tokenizer
@@ -69,7 +70,7 @@ def test_zero_steps_checkpoints_the_initial_model(baseline_and_trained):
 
 def test_metrics_table(baseline_and_trained):
     _, _, tmp = baseline_and_trained
-    metrics = pq.read_table(os.path.join(tmp, "trained", "local", "metrics")).to_pandas()
+    metrics = read_local_table(os.path.join(tmp, "trained"), "metrics")
     loss = metrics[metrics.metric == "loss"]
     assert list(loss.step) == [50, 100, 150] and (loss.split == "train").all()
     evaluation = metrics[(metrics.split == "validation") & (metrics.metric == "eval_reward_mean")]

@@ -24,6 +24,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessorList
 
 from ..core.availability import ModelNotAvailableError
 from .tokenizer import build_char_tokenizer
@@ -112,7 +113,8 @@ def encode_targets(tokenizer, targets: list[str]) -> list[list[int]]:
     return [t + [tokenizer.eos_token_id] for t in ids]
 
 
-def _pad(rows: list[list[int]], left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of token-id rows padded to one width, on the left (causal prompts) or the right."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), FILL_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -123,31 +125,42 @@ def _pad(rows: list[list[int]], left: bool, device) -> tuple[torch.Tensor, torch
     return ids.to(device), mask.to(device)
 
 
+def output_logits(model, prompt_ids: list[list[int]], output_ids: list[list[int]], with_hidden: bool = False):
+    """The logits that predict each output token: (logits [B, T, V], outputs [B, T],
+    output mask [B, T], last hidden state at those positions [B, T, H] or None).
+
+    The one place that aligns prompts and outputs: causal prompts are left-padded
+    with positions counting real tokens (padding never shifts a sequence) and the
+    logit at position i predicts token i+1; a seq2seq decoder reads
+    [start] + output[:-1], so position t predicts output[t].
+    """
+    device = next(model.parameters()).device
+    outputs, output_mask = pad_rows(output_ids, left=False, device=device)
+    if is_encoder_decoder(model):
+        encoder_ids, encoder_mask = pad_rows(prompt_ids, left=False, device=device)
+        start = torch.full_like(outputs[:, :1], unwrap(model).config.decoder_start_token_id)
+        result = model(input_ids=encoder_ids, attention_mask=encoder_mask,
+                       decoder_input_ids=torch.cat([start, outputs[:, :-1]], dim=1),
+                       decoder_attention_mask=output_mask, output_hidden_states=with_hidden)
+        logits, hidden = result.logits, (result.decoder_hidden_states[-1] if with_hidden else None)
+    else:
+        prompts, prompt_mask = pad_rows(prompt_ids, left=True, device=device)
+        attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
+        result = model(input_ids=torch.cat([prompts, outputs], dim=1), attention_mask=attention_mask,
+                       position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+                       output_hidden_states=with_hidden)
+        window = slice(prompts.shape[1] - 1, prompts.shape[1] - 1 + outputs.shape[1])
+        logits, hidden = result.logits[:, window], (result.hidden_states[-1][:, window] if with_hidden else None)
+    return logits, outputs, output_mask, hidden
+
+
 def token_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]]):
     """log pi(o_t | prompt, o_<t) for every output token, padded: (log_probs [B, T], mask [B, T]).
 
-    The one place where the model scores outputs: used for the `log_prob`
-    column, for the policy-gradient surrogate and for the SFT loss.
+    Used for the `log_prob` column, for the policy-gradient surrogate and for
+    the SFT loss (alignment: `output_logits`).
     """
-    device = next(model.parameters()).device
-    outputs, output_mask = _pad(output_ids, left=False, device=device)
-    if is_encoder_decoder(model):
-        encoder_ids, encoder_mask = _pad(prompt_ids, left=False, device=device)
-        # decoder input = [start] + output[:-1]: position t predicts output[t]
-        start = torch.full_like(outputs[:, :1], unwrap(model).config.decoder_start_token_id)
-        decoder_ids = torch.cat([start, outputs[:, :-1]], dim=1)
-        logits = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
-                       decoder_attention_mask=output_mask).logits
-    else:
-        prompts, prompt_mask = _pad(prompt_ids, left=True, device=device)
-        input_ids = torch.cat([prompts, outputs], dim=1)
-        attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
-        # positions count real tokens only, so left padding never shifts a sequence
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        prompt_width = prompts.shape[1]
-        # the logit at position i predicts token i+1: outputs start at prompt_width
-        logits = logits[:, prompt_width - 1 : prompt_width - 1 + outputs.shape[1]]
+    logits, outputs, output_mask, _ = output_logits(model, prompt_ids, output_ids)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax of half logits in fp32
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, outputs.unsqueeze(-1)).squeeze(-1)
     return log_probs * output_mask, output_mask
@@ -167,13 +180,15 @@ def trim_at_eos(ids: list[int], eos_token_id: int) -> list[int]:
 @torch.no_grad()
 def generate_outputs(model, tokenizer, prompt_ids: list[list[int]], *, num_return_sequences: int = 1,
                      do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     min_new_tokens: int = 0, max_new_tokens: int = 48) -> list[list[int]]:
+                     min_new_tokens: int = 0, max_new_tokens: int = 48,
+                     logits_processor_factory=None) -> list[list[int]]:
     """One generate() call for all prompts; K = num_return_sequences outputs per
     prompt, returned prompt-major (rows i*K .. i*K+K-1 belong to prompt i),
-    each cut after its EOS."""
+    each cut after its EOS. `logits_processor_factory(input_ids, attention_mask)`,
+    if given, builds a logits processor for the padded prompts (NLPO's action mask)."""
     device = next(model.parameters()).device
     encoder_decoder = is_encoder_decoder(model)
-    input_ids, attention_mask = _pad(prompt_ids, left=not encoder_decoder, device=device)
+    input_ids, attention_mask = pad_rows(prompt_ids, left=not encoder_decoder, device=device)
     eos_token_id = tokenizer.eos_token_id
     settings = HFGenerationConfig(
         do_sample=do_sample, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
@@ -182,7 +197,11 @@ def generate_outputs(model, tokenizer, prompt_ids: list[list[int]], *, num_retur
         decoder_start_token_id=getattr(unwrap(model).config, "decoder_start_token_id", None),
         **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}),
     )
-    sequences = unwrap(model).generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings)
+    extra = {}
+    if logits_processor_factory is not None:
+        extra["logits_processor"] = LogitsProcessorList([logits_processor_factory(input_ids, attention_mask)])
+    sequences = unwrap(model).generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
+                                       **extra)
     # causal: the prompt is echoed first; seq2seq: the decoder start token is
     new_tokens = sequences[:, 1:] if encoder_decoder else sequences[:, input_ids.shape[1]:]
     return [trim_at_eos(row, eos_token_id) for row in new_tokens.tolist()]

@@ -1,0 +1,115 @@
+"""Sampling and scoring, the one module every LM workload draws its samples with
+(extract, the PPO rollouts and monitor, and later workloads).
+
+    prompts_of(task, examples, ...)          -> Prompts: texts, token ids, references
+    sample_and_score(model, ..., K, gen)     -> ScoredSamples: K outputs per prompt,
+                                                their texts, rewards and the [P, K] reward matrix
+    table_rows(step, examples, prompts, scored, log_probs, grad_norms, ...)
+                                             -> rows of the `samples` and `inputs` tables
+
+Samples are prompt-major everywhere: rows i*K .. i*K+K-1 belong to prompt i.
+Per-input statistics (reward mean, std with 1/K and 1/(K-1)) come from
+`workloads.text.gradnorm.reward_stats`, the same function the gradient-norm
+estimator uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GenerationConfig
+from .gradnorm import reward_stats
+from .models import encode_prompts, generate_outputs
+from .rewards import Reward
+from .tasks import prompt_text, references
+
+
+@dataclass
+class Prompts:
+    texts: list[str]  # what the model is conditioned on
+    ids: list[list[int]]  # their token ids, cut to max_prompt_length
+    references: list[list[str]]  # every reference of each input: what its reward compares against
+
+    def subset(self, indices: list[int]) -> "Prompts":
+        return Prompts([self.texts[i] for i in indices], [self.ids[i] for i in indices],
+                       [self.references[i] for i in indices])
+
+
+@dataclass
+class ScoredSamples:
+    num_samples_per_input: int  # K
+    outputs: list[list[int]]  # P*K output token ids, prompt-major, each cut after its EOS
+    texts: list[str]  # the outputs decoded (special tokens dropped)
+    rewards: list[Reward]  # P*K rewards with their components
+    reward_matrix: torch.Tensor  # [P, K] float64
+
+    @classmethod
+    def of(cls, num_samples: int, outputs: list[list[int]], texts: list[str], rewards: list[Reward]) -> "ScoredSamples":
+        matrix = torch.tensor([r.value for r in rewards], dtype=torch.float64).view(-1, num_samples)
+        return cls(num_samples, outputs, texts, rewards, matrix)
+
+    def outputs_by_input(self) -> list[list[list[int]]]:
+        """[P][K] output ids: the shape the gradient-norm estimator takes."""
+        K = self.num_samples_per_input
+        return [self.outputs[i * K : (i + 1) * K] for i in range(len(self.reward_matrix))]
+
+
+def prompts_of(task: str, examples, tokenizer, max_prompt_length: int, encoder_decoder: bool) -> Prompts:
+    texts = [prompt_text(task, ex, encoder_decoder) for ex in examples]
+    return Prompts(texts, encode_prompts(tokenizer, texts, max_prompt_length, encoder_decoder),
+                   [references(task, ex) for ex in examples])
+
+
+def sample_outputs(model, tokenizer, prompt_ids: list[list[int]], num_samples: int,
+                   gen: GenerationConfig, logits_processor_factory=None) -> list[list[int]]:
+    """K samples for each prompt from ONE generate() call (num_return_sequences=K), prompt-major."""
+    return generate_outputs(
+        model, tokenizer, prompt_ids, num_return_sequences=num_samples, do_sample=True,
+        temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+        min_new_tokens=gen.min_new_tokens, max_new_tokens=gen.max_new_tokens,
+        logits_processor_factory=logits_processor_factory,
+    )
+
+
+def score_outputs(tokenizer, reward_fn, prompts: list[str], input_references: list, outputs: list[list[int]],
+                  num_samples: int) -> tuple[list[str], list[Reward]]:
+    """(texts, rewards) of prompt-major samples: one batch_decode and ONE reward call for all of them."""
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    rewards = reward_fn([p for p in prompts for _ in range(num_samples)], texts,
+                        [refs for refs in input_references for _ in range(num_samples)])
+    return texts, rewards
+
+
+def sample_and_score(model, tokenizer, reward_fn, prompts: Prompts, num_samples: int,
+                     gen: GenerationConfig, logits_processor_factory=None) -> ScoredSamples:
+    """K samples for every prompt, decoded and scored."""
+    outputs = sample_outputs(model, tokenizer, prompts.ids, num_samples, gen, logits_processor_factory)
+    texts, rewards = score_outputs(tokenizer, reward_fn, prompts.texts, prompts.references, outputs, num_samples)
+    return ScoredSamples.of(num_samples, outputs, texts, rewards)
+
+
+def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log_probs: list[float],
+               grad_norms: list[float | None], model: str, dataset: str) -> tuple[list[dict], list[dict]]:
+    """(`samples` rows, `inputs` rows) of scored prompts at a training step (0 for a fixed model)."""
+    K = scored.num_samples_per_input
+    reward_mean, reward_std, reward_std_unbiased = reward_stats(scored.reward_matrix)
+    sample_rows, input_rows = [], []
+    for i, ex in enumerate(examples):
+        for k in range(K):
+            j = i * K + k
+            sample_rows.append({
+                "step": step, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts.texts[i],
+                "output": scored.texts[j], "reward": scored.rewards[j].value,
+                "reward_components": scored.rewards[j].components, "log_prob": log_probs[j],
+                "num_tokens": len(scored.outputs[j]), "prompt_token_ids": prompts.ids[i],
+                "output_token_ids": scored.outputs[j], "model": model, "dataset": dataset,
+            })
+        input_rows.append({
+            "step": step, "input_id": ex.input_id, "prompt": prompts.texts[i], "num_samples": K,
+            "reward_mean": reward_mean[i].item(), "reward_std": reward_std[i].item(),
+            "reward_std_unbiased": reward_std_unbiased[i].item(), "grad_norm": grad_norms[i],
+            "model": model, "dataset": dataset,
+        })
+    return sample_rows, input_rows
