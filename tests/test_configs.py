@@ -62,7 +62,7 @@ def test_config_shows_each_member_of_the_controlled_model_union(capsys):
     assert main(["config", "controlled"]) == 0
     out = capsys.readouterr().out
     assert "model[mlp].hidden_sizes" in out and "list[int] = [250, 100]" in out
-    assert "model[resnet18].stem" in out and "cifar|imagenet = cifar" in out
+    assert "model[resnet18].stem" in out and "imagenet|cifar = imagenet" in out
     assert "model[bert-mini].tokenizer" in out and "= prajjwal1/bert-mini" in out
     assert "`from_stage:` fills 'init_checkpoint'" in out
     assert max(map(len, out.splitlines())) <= 100

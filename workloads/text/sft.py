@@ -62,20 +62,8 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
             start_step = json.load(f)["step"]
     encoder_decoder = model.config.is_encoder_decoder
 
-    # data: the first num_train_inputs train inputs, of which a seeded fraction is labelled
-    num_inputs = min(config.num_train_inputs, split_size(config.task, "train", config.dataset_path))
-    num_used = max(1, round(config.frac_train_samples * num_inputs))
-    train_ids = sorted(random.Random(config.seed).sample(range(num_inputs), num_used))
-    examples = get_examples(config.task, "train", train_ids, config.dataset_path)
     side = truncation_side(config.task, config.truncation_side, encoder_decoder, stage="sft")
-    limit = config.max_train_length or model_positions(model, tokenizer)
-    pairs = [(prompt_text(config.task, ex, encoder_decoder), reference) for ex in examples
-             for reference in (train_references(config.task, ex) if config.references == "all" else [ex.target])]
-    builtin = config.task in BUILTIN_TASKS  # not in the reference: EOS, and no loss on its random prompts
-    append_eos = config.causal_append_eos if config.causal_append_eos is not None else builtin
-    loss_tokens = config.causal_loss_tokens or ("reference" if builtin else "prompt_and_reference")
-    # (context ids, scored ids): the loss is log pi(scored | context) over the scored ids
-    sequences = build_training_sequences(tokenizer, pairs, encoder_decoder, limit, side, loss_tokens, append_eos)
+    num_used, sequences = training_data(config, model, tokenizer, encoder_decoder, side)
     num_examples = len(sequences)
 
     steps_per_epoch = math.ceil(num_examples / config.batch_size)
@@ -126,30 +114,7 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
                 ctx.report({"step": step, "loss": last_loss})
     train_seconds = time.perf_counter() - started
 
-    # held-out evaluation: reward of greedy outputs on validation inputs
-    model.eval()
-    num_eval = min(NUM_EVAL_INPUTS, split_size(config.task, "validation", config.dataset_path))
-    eval_examples = get_examples(config.task, "validation", list(range(num_eval)), config.dataset_path)
-    eval_prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in eval_examples]
-    eval_targets = [ex.target for ex in eval_examples]
-    new_tokens = max(len(t) for t in encode_targets(tokenizer, eval_targets)) + 8
-    prompt_limit = config.max_prompt_length
-    positions = model_positions(model, tokenizer)
-    if positions is not None and not encoder_decoder:
-        # a causal prompt and its continuation share the positions: the reference's
-        # SupervisedTrainer shortens the prompt by max_new_tokens when they would not fit
-        new_tokens = min(new_tokens, positions // 2)
-        prompt_limit = min(prompt_limit, positions - new_tokens)
-    outputs = generate_outputs(model, tokenizer,
-                               encode_prompts(tokenizer, eval_prompts, prompt_limit, encoder_decoder,
-                                              truncation_side=side),
-                               do_sample=False, max_new_tokens=new_tokens)
-    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
-    rewards = reward_fn(eval_prompts, tokenizer.batch_decode(outputs, skip_special_tokens=True),
-                        [references(config.task, ex) for ex in eval_examples])
-    eval_metrics = {"eval_reward_mean": sum(r.value for r in rewards) / len(rewards)}
-    for name in rewards[0].components:
-        eval_metrics[f"eval_{name}_mean"] = sum(r.components[name] for r in rewards) / len(rewards)
+    eval_metrics = held_out_evaluation(config, model, tokenizer, encoder_decoder, side)
     ctx.log_metrics(total_steps, eval_metrics, split="validation")
 
     final_metrics = {
@@ -174,6 +139,52 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
 # --------------------------------------------------------------------------
 # the reference's data and optimiser semantics, one function each (tested alone)
 # --------------------------------------------------------------------------
+
+def held_out_evaluation(config: SFTConfig, model, tokenizer, encoder_decoder: bool, side: str) -> dict:
+    """Reward of greedy outputs on the first NUM_EVAL_INPUTS validation inputs."""
+    model.eval()
+    num_eval = min(NUM_EVAL_INPUTS, split_size(config.task, "validation", config.dataset_path))
+    eval_examples = get_examples(config.task, "validation", list(range(num_eval)), config.dataset_path)
+    eval_prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in eval_examples]
+    eval_targets = [ex.target for ex in eval_examples]
+    new_tokens = max(len(t) for t in encode_targets(tokenizer, eval_targets)) + 8
+    prompt_limit = config.max_prompt_length
+    positions = model_positions(model, tokenizer)
+    if positions is not None and not encoder_decoder:
+        # a causal prompt and its continuation share the positions: the reference's
+        # SupervisedTrainer shortens the prompt by max_new_tokens when they would not fit
+        new_tokens = min(new_tokens, positions // 2)
+        prompt_limit = min(prompt_limit, positions - new_tokens)
+    outputs = generate_outputs(model, tokenizer,
+                               encode_prompts(tokenizer, eval_prompts, prompt_limit, encoder_decoder,
+                                              truncation_side=side),
+                               do_sample=False, max_new_tokens=new_tokens)
+    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
+    rewards = reward_fn(eval_prompts, tokenizer.batch_decode(outputs, skip_special_tokens=True),
+                        [references(config.task, ex) for ex in eval_examples])
+    eval_metrics = {"eval_reward_mean": sum(r.value for r in rewards) / len(rewards)}
+    for name in rewards[0].components:
+        eval_metrics[f"eval_{name}_mean"] = sum(r.components[name] for r in rewards) / len(rewards)
+    return eval_metrics
+
+
+def training_data(config: SFTConfig, model, tokenizer, encoder_decoder: bool,
+                  side: str) -> tuple[int, list[tuple[list[int], list[int]]]]:
+    """(train inputs used, (context ids, scored ids) per training example): the first
+    num_train_inputs train inputs, a seeded fraction of them labelled, one example
+    per reference; the loss is log pi(scored | context) over the scored ids."""
+    num_inputs = min(config.num_train_inputs, split_size(config.task, "train", config.dataset_path))
+    num_used = max(1, round(config.frac_train_samples * num_inputs))
+    train_ids = sorted(random.Random(config.seed).sample(range(num_inputs), num_used))
+    examples = get_examples(config.task, "train", train_ids, config.dataset_path)
+    limit = config.max_train_length or model_positions(model, tokenizer)
+    pairs = [(prompt_text(config.task, ex, encoder_decoder), reference) for ex in examples
+             for reference in (train_references(config.task, ex) if config.references == "all" else [ex.target])]
+    builtin = config.task in BUILTIN_TASKS  # not in the reference: EOS, and no loss on its random prompts
+    append_eos = config.causal_append_eos if config.causal_append_eos is not None else builtin
+    loss_tokens = config.causal_loss_tokens or ("reference" if builtin else "prompt_and_reference")
+    return num_used, build_training_sequences(tokenizer, pairs, encoder_decoder, limit, side, loss_tokens, append_eos)
+
 
 def model_positions(model, tokenizer) -> int | None:
     """How many tokens one sequence may hold: the model's position table (GPT-2
