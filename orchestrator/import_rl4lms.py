@@ -210,8 +210,8 @@ def _extract_config(reader: "_Reader", task: str) -> dict:
     values["generation"] = _generation(reader, "alg.generation_kwargs", causal, "generation")
     values["generation"]["max_prompt_length"] = reader.take("tokenizer.max_length")
     _truncation_side(reader, "tokenizer.truncation_side", task, "extract",
-                     "rlgrad: tasks.truncation_side(task, 'task', ..., 'extract') (extract.py passing it to "
-                     "encode_prompts is pending, docs/fidelity.md)")
+                     "rlgrad: tasks.truncation_side(task, 'task', ..., 'extract') (sampling.prompts_of passing it "
+                     "to encode_prompts is pending, docs/fidelity.md)")
     metrics = reader.take("evaluation.metrics") or []
     if len(metrics) != 1:
         raise Rl4lmsImportError(f"evaluation.metrics: rlgrad scores samples with one reward, got "
@@ -306,8 +306,8 @@ def _ppo_config(reader: "_Reader", task: str, alg_id: str) -> tuple[dict, bool]:
         _check_side(task, "ppo", "left", "env.args.prompt_truncation_side (absent: env.py's default 'left')")
     else:
         _truncation_side(reader, "env.args.prompt_truncation_side", task, "ppo",
-                         "rlgrad: tasks.truncation_side(task, 'task', ..., 'ppo') (ppo.py passing it to "
-                         "encode_prompts is pending, docs/fidelity.md)")
+                         "rlgrad: tasks.truncation_side(task, 'task', ..., 'ppo') (sampling.prompts_of passing it "
+                         "to encode_prompts is pending, docs/fidelity.md)")
     policy_side = reader.take("alg.policy.args.prompt_truncation_side")
     if policy_side is not None:
         _check_side(task, "ppo", policy_side, "alg.policy.args.prompt_truncation_side")
