@@ -330,11 +330,8 @@ def _ppo_config(reader: "_Reader", task: str, alg_id: str) -> tuple[dict, bool]:
         values["eval_every_rollouts"] = reader.take("train_evaluation.eval_every")
     if reader.has("train_evaluation.save_every"):
         values["checkpoint_every_rollouts"] = reader.take("train_evaluation.save_every")
+    values["num_train_inputs"] = ALL_TRAIN_INPUTS  # every train input, as the reference's datapool (PPO caps it)
     _subsample(reader, values, allow_fraction=False)
-    reader.notes.append(Note("datapool.frac_train_samples", reader.take("datapool.frac_train_samples", -1),
-                             reader.stage, "num_train_inputs",
-                             "the reference draws rollout prompts from every train input; rlgrad's PPO draws from "
-                             "num_train_inputs (default 5000, must not exceed the split): set it to the split's size"))
     if alg_id == "nlpo":
         for theirs, ours in NLPO_FIELDS.items():
             if reader.has(f"alg.policy.args.{theirs}"):

@@ -12,7 +12,7 @@ The orchestrator fills `model` in with a checkpoint directory when a stage says
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -53,6 +53,9 @@ class GenerationConfig(StrictConfig):
     min_new_tokens: int = Field(0, ge=0, description="EOS is suppressed before this many new tokens (ToTTo 10, CNN/DM 50)")
     max_new_tokens: int = Field(48, ge=1, description="new tokens per sample (IMDB: exactly 48; NarrativeQA 50)")
     max_prompt_length: int = Field(512, ge=1, description="prompt tokens kept (GRUE: 512; IMDB: 64)")
+    truncation_side: Literal["task", "left", "right"] = Field("task", description=(
+        "which end a too-long prompt loses; task = the reference's side for the task and workload "
+        "(DailyDialog: right in extraction, left in PPO; workloads.text.tasks.truncation_side)"))
 
     @model_validator(mode="after")
     def _min_le_max(self):

@@ -82,7 +82,7 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
     """(`samples` rows, `inputs` rows) of one shard of inputs, in the shard's order."""
     gen, K = config.generation, config.num_samples_per_input
     examples = get_examples(config.task, config.split, input_indices, config.dataset_path)
-    prompts = prompts_of(config.task, examples, tokenizer, gen.max_prompt_length, model.config.is_encoder_decoder)
+    prompts = prompts_of(config.task, examples, tokenizer, gen, model.config.is_encoder_decoder, "extract")
     # bucketing: batches of prompts of similar length pad less (generation and gradients);
     # results are kept per input and written in the shard's order
     by_length = sorted(range(len(examples)), key=lambda j: len(prompts.ids[j]))

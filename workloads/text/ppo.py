@@ -73,7 +73,7 @@ from .nlpo_config import NLPOConfig
 from .ppo_config import PPOConfig
 from .rewards import get_reward
 from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
-from .tasks import choose_inputs, get_examples, resolve_reward
+from .tasks import choose_inputs, get_examples, resolve_reward, split_size
 
 VALUE_HEAD_FILE = "value_head.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -288,8 +288,8 @@ class PPORun:
 
     def prompts(self, input_ids: list[int]) -> tuple[list, Prompts]:
         examples = get_examples(self.config.task, "train", input_ids, self.config.dataset_path)
-        return examples, prompts_of(self.config.task, examples, self.tokenizer,
-                                    self.config.generation.max_prompt_length, self.lm.config.is_encoder_decoder)
+        return examples, prompts_of(self.config.task, examples, self.tokenizer, self.config.generation,
+                                    self.lm.config.is_encoder_decoder, "ppo")
 
     def sample(self, prompts: Prompts) -> ScoredSamples:
         return sample_and_score(self.lm, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
@@ -311,6 +311,13 @@ def optimizer_for(model: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
                               {"params": exempt, "weight_decay": 0.0}], lr=config.learning_rate)
 
 
+def train_pool(config: PPOConfig) -> list[int]:
+    """The train inputs rollouts draw from: num_train_inputs of them at random (seed), all of the
+    split when it has fewer (the reference's datapool uses every train input)."""
+    size = min(config.num_train_inputs, split_size(config.task, "train", config.dataset_path))
+    return choose_inputs(config.task, "train", size, config.seed, config.dataset_path)
+
+
 def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
     """The policy and the critic (resumed or initial), the frozen reference, the optimiser and the data."""
     if config.inputs_per_rollout % ctx.world_size:
@@ -329,7 +336,7 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
     run = PPORun(config, ctx, device, distributed, tokenizer, actor_critic, actor_critic, reference,
                  optimizer_for(actor_critic, config),
                  reward_fn=get_reward(*resolve_reward(config.task, config.reward, config.reward_args)),
-                 pool=choose_inputs(config.task, "train", config.num_train_inputs, config.seed, config.dataset_path),
+                 pool=train_pool(config),
                  kl_coef=config.kl_coef)
     if isinstance(config, NLPOConfig):
         run.masker = ActionMasker(lm, config.top_mask, config.min_tokens_to_keep, tokenizer.all_special_ids,

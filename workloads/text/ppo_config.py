@@ -27,7 +27,8 @@ class PPOConfig(TextTaskConfig):
 
     produces_checkpoint: ClassVar[bool] = True  # `from_stage: sft` fills `model` with the SFT checkpoint
 
-    num_train_inputs: int = Field(5000, ge=1, description="train inputs the rollouts' prompts are drawn from")
+    num_train_inputs: int = Field(5000, ge=1, description=(
+        "train inputs the rollouts' prompts are drawn from (all of the split when it has fewer)"))
     generation: GenerationConfig = Field(GenerationConfig(), description="rollout sampling (paper: temperature 1)")
     # rollouts
     num_rollouts: int = Field(100, ge=0, description="PPO iterations (a rollout, then ppo_epochs of updates); the tables' `step`")

@@ -23,7 +23,7 @@ from .config import GenerationConfig
 from .gradnorm import reward_stats
 from .models import encode_prompts, generate_outputs
 from .rewards import Reward
-from .tasks import prompt_text, references
+from .tasks import prompt_text, references, truncation_side
 
 
 @dataclass
@@ -56,9 +56,13 @@ class ScoredSamples:
         return [self.outputs[i * K : (i + 1) * K] for i in range(len(self.reward_matrix))]
 
 
-def prompts_of(task: str, examples, tokenizer, max_prompt_length: int, encoder_decoder: bool) -> Prompts:
+def prompts_of(task: str, examples, tokenizer, gen: GenerationConfig, encoder_decoder: bool,
+               stage: str) -> Prompts:
+    """The prompts of `examples` for a workload `stage` ('extract' | 'ppo'), cut to
+    gen.max_prompt_length on the side the reference cuts them for that stage."""
     texts = [prompt_text(task, ex, encoder_decoder) for ex in examples]
-    return Prompts(texts, encode_prompts(tokenizer, texts, max_prompt_length, encoder_decoder),
+    side = truncation_side(task, gen.truncation_side, encoder_decoder, stage)
+    return Prompts(texts, encode_prompts(tokenizer, texts, gen.max_prompt_length, encoder_decoder, side),
                    [references(task, ex) for ex in examples])
 
 
