@@ -193,8 +193,8 @@ def test_every_variant_runs_and_checkpoints(tmp_path, variant):
     load_model_and_tokenizer(ctx.checkpoint_path)
 
 
-# reverse after a short SFT, GRPO on exactly the pool it evaluates (measured: eval reward
-# 0.52 -> 0.6x over 12 steps, seed 0)
+# reverse after a short SFT, GRPO on exactly the pool it evaluates (measured with this
+# config: pool reward 0.288 -> 0.329 at seed 0, 0.280 -> 0.339 at seed 1, over 12 steps)
 LEARNS = dict(num_train_inputs=32, inputs_per_step=16, num_samples_per_input=8, num_steps=12, learning_rate=3e-4,
               minibatch_size=64, generation={"max_new_tokens": 14})
 
