@@ -181,6 +181,12 @@ def test_per_step_inputs_rows(tmp_path):
     names = set(read_local_table(str(tmp_path / "rows"), "metrics").metric)
     assert {"share_zero_std", "rollouts_on_zero_std", "share_tokens_on_zero_std", "reward_gain"} <= names
 
+    from orchestrator.report import build_report
+
+    page = open(build_report(str(tmp_path / "rows"), "local"), encoding="utf-8").read()
+    started_zero = int((inputs[inputs.step == 0].reward_std == 0).sum())
+    assert 'id="trajectories-trial"' in page and f"{started_zero} of {P} prompts started at reward std 0" in page
+
 
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "rloo", "dapo"])
 def test_every_variant_runs_and_checkpoints(tmp_path, variant):
