@@ -58,6 +58,8 @@ def make_tables(num_rows: int, directory: str) -> tuple[str, str]:
         "reward_components": pa.array([[]] * rows, type=pa.map_(pa.string(), pa.float64())),
         "log_prob": pa.array(-rng.random(rows) * 20),
         "num_tokens": pa.array(rng.integers(1, 48, rows).astype(np.int32)),
+        "prompt_token_ids": pa.nulls(rows, pa.list_(pa.int32())),
+        "output_token_ids": pa.nulls(rows, pa.list_(pa.int32())),
         "model": pa.array(["builtin:tiny-gpt2"] * rows),
         "dataset": pa.array(["reverse"] * rows),
     }).cast(SAMPLES)

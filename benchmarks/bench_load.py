@@ -43,7 +43,7 @@ def main() -> None:
     from orchestrator.driver import run_sweep
     from orchestrator.report import build_report
     from orchestrator.spec import parse_spec
-    from orchestrator.tables_io import read_table
+    from workloads.core.storage import ResultsRoot
 
     samples: list[tuple[float, float]] = []
     done = threading.Event()
@@ -61,8 +61,8 @@ def main() -> None:
         sweep_s = time.perf_counter() - start
         aggregate_sweep(results, "load")
         build_report(results, "load")
-        trials = read_table(results, "load", "trials").num_rows
-        metric_rows = read_table(results, "load", "metrics").num_rows
+        trials = ResultsRoot(results).read_table("load", "trials").num_rows
+        metric_rows = ResultsRoot(results).read_table("load", "metrics").num_rows
     done.set()
     total_s = time.perf_counter() - start
     assert trials == args.trials and not outcome.failed, (trials, len(outcome.failed))

@@ -10,17 +10,14 @@ its worker drew.
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workloads.core.storage import ResultsRoot
 from workloads.core.tables import INPUTS, SCHEMA_VERSION
-from workloads.core.storage import resolve, write_parquet_atomic
-
-from .tables_io import read_table
 
 KEYS = ["sweep", "stage", "trial", "config_hash", "step", "input_id"]
 
@@ -169,12 +166,10 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
 
 def aggregate_sweep(results: str, sweep: str) -> AggregateSummary:
     """Write <results>/<sweep>/inputs.parquet from the sweep's shards (if it sampled anything)."""
-    samples = read_table(results, sweep, "samples")
+    root = ResultsRoot(results)
+    samples = root.read_table(sweep, "samples")
     if samples is None or samples.num_rows == 0:
         return AggregateSummary(None, 0, 0)
-    table = per_input_table(samples, read_table(results, sweep, "inputs"))
-    fs, base = resolve(results)
-    path = posixpath.join(base, sweep, "inputs.parquet")
-    write_parquet_atomic(fs, path, table)
-    uri = path if "://" not in results else f"{results.split('://', 1)[0]}://{path}"
+    table = per_input_table(samples, root.read_table(sweep, "inputs"))
+    uri = root.write_parquet(sweep, "inputs.parquet", table=table)
     return AggregateSummary(uri, samples.num_rows, table.num_rows)

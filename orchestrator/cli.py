@@ -3,6 +3,8 @@
     rlgrad run search_spaces/quickstart.yaml            # embedded local Ray, offline
     rlgrad run SPEC --address auto --results s3://bucket/rlgrad
     rlgrad validate SPEC                                # check a file, list its trials
+    rlgrad validate --resolved SPEC                     # every trial's complete config, as YAML
+    rlgrad config [WORKLOAD]                            # workloads, or one's config fields
     rlgrad status [SWEEP]                               # sweeps, or one sweep's trials
     rlgrad report SWEEP                                 # re-aggregate, rebuild report.html
     rlgrad query "SELECT ... FROM inputs ..."           # DuckDB SQL over the Parquet tables
@@ -11,13 +13,19 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import json
 import os
 import sys
+import textwrap
 
-from .spec import SpecError, grid_points, load_spec
+from .spec import SpecError, grid_points, load_spec, resolved_trials_yaml
 
 EXAMPLES = """examples:
+  rlgrad config                       # the workloads a stage can run
+  rlgrad config extract               # extract's config fields: type, default, meaning
+  rlgrad validate --resolved search_spaces/quickstart.yaml
   rlgrad run search_spaces/quickstart.yaml
   rlgrad run search_spaces/quickstart.yaml --address auto --results s3://my-bucket/rlgrad
   rlgrad status quickstart
@@ -70,6 +78,9 @@ def _cmd_run(args) -> int:
 
 def _cmd_validate(args) -> int:
     spec, _ = load_spec(args.spec)
+    if args.resolved:
+        sys.stdout.write(resolved_trials_yaml(spec, args.spec))
+        return 0
     print(f"{args.spec}: OK -- sweep {spec.sweep!r}, {len(spec.stages)} stage(s)")
     for stage in spec.stages:
         if stage.search.optuna:
@@ -78,7 +89,52 @@ def _cmd_validate(args) -> int:
             n = f"{len(grid_points(stage))} trial(s)"
         per = f" per finished trial of {stage.from_stage!r}" if stage.from_stage else ""
         s = stage.scaling
-        print(f"  {stage.name}: {stage.workload}, {n}{per}; {s.num_workers} worker(s) x {s.resources_per_worker()}")
+        base = f"; config from {stage.config_from!r}" if stage.config_from else ""
+        print(f"  {stage.name}: {stage.workload}, {n}{per}; {s.num_workers} worker(s) x {s.resources_per_worker()}{base}")
+    return 0
+
+
+TERMINAL_WIDTH = 100
+
+
+def _summary(config_cls) -> str:
+    """The first line of a config's docstring: what the workload does."""
+    return (inspect.getdoc(config_cls) or "").strip().splitlines()[0] if config_cls.__doc__ else ""
+
+
+def _cmd_config(args) -> int:
+    from workloads import WORKLOADS
+    from workloads.core.config import describe_fields
+
+    if args.workload is None:
+        print("workloads (a stage's `workload:`; `rlgrad config WORKLOAD` lists its config fields):")
+        width = max(map(len, WORKLOADS))
+        for name, workload in WORKLOADS.items():
+            line = f"  {name:<{width}}  {_summary(workload.config)}"
+            print(line if len(line) <= TERMINAL_WIDTH else line[:TERMINAL_WIDTH - 3] + "...")
+        return 0
+    if args.workload not in WORKLOADS:
+        close = difflib.get_close_matches(args.workload, list(WORKLOADS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return _error(f"unknown workload {args.workload!r}{hint}; allowed: {', '.join(sorted(WORKLOADS))}")
+    config_cls = WORKLOADS[args.workload].config
+    doc = inspect.getdoc(config_cls) or ""
+    print(f"{args.workload}: {config_cls.__name__}")
+    for paragraph in doc.split("\n\n"):
+        print(textwrap.fill(" ".join(paragraph.split()), TERMINAL_WIDTH, initial_indent="  ", subsequent_indent="  "))
+    checkpoint_field = getattr(config_cls, "checkpoint_field", None)
+    if checkpoint_field:
+        print(f"  `from_stage:` fills {checkpoint_field!r} with an earlier stage's checkpoint.")
+    if getattr(config_cls, "produces_checkpoint", False):
+        print("  Writes a checkpoint that a later stage can start from (`from_stage:`).")
+    rows = describe_fields(config_cls)
+    name_width = max(len(name) for name, *_ in rows)
+    print("\nfields (keys of a stage's `config:`; dotted names reach nested configs, e.g. in `search:`):\n")
+    for name, type_name, default, description in rows:
+        head = f"{name:<{name_width}}  {type_name}"
+        head = f"{head} = {default}" if len(head) + len(default) + 3 <= TERMINAL_WIDTH else f"{head}\n    = {default}"
+        print(head)
+        print(textwrap.fill(description, TERMINAL_WIDTH, initial_indent="    ", subsequent_indent="    "))
     return 0
 
 
@@ -212,9 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no per-worker progress bars")
     run.set_defaults(func=_cmd_run)
 
-    validate = sub.add_parser("validate", help="check a sweep file and list the trials it would run")
-    validate.add_argument("spec")
+    validate = sub.add_parser("validate", help="check a sweep file and list the trials it would run",
+                              description="Check SPEC as `rlgrad run` would (nothing runs, nothing is written) "
+                                          "and list its stages and trial counts.")
+    validate.add_argument("spec", help="sweep file (YAML)")
+    validate.add_argument("--resolved", action="store_true",
+                          help="print every trial as YAML instead: stage, trial id, workload, parent trial, "
+                               "searched values and the complete config with every default filled "
+                               "(Optuna stages: the base config and the search space)")
     validate.set_defaults(func=_cmd_validate)
+
+    config = sub.add_parser("config", help="list the workloads, or print one's config fields with types, "
+                                           "defaults and descriptions",
+                            description="Without WORKLOAD: the workloads a stage can name, each with what it does. "
+                                        "With WORKLOAD: every field of its config -- dotted name (generation."
+                                        "temperature; model[mlp].hidden_sizes for each member of a union), type, "
+                                        "default and description -- i.e. every key a stage's `config:` accepts.")
+    config.add_argument("workload", nargs="?", help="a workload name, e.g. extract")
+    config.set_defaults(func=_cmd_config)
 
     status = sub.add_parser("status", help="list sweeps, or one sweep's trials with their state and metrics")
     status.add_argument("sweep", nargs="?")

@@ -7,7 +7,7 @@ as rlgrad sweep specs of one stage:
     `alg.id: supervised`                              sft
     `alg.id: ppo`                                     ppo
 
-Field names are mapped onto our configs' (workloads/configs.py): the datapool
+Field names are mapped onto our configs' (the configs beside each workload, workloads/text/*_config.py): the datapool
 id onto the task, reward_fn / metric ids and their arguments onto `reward` and
 `reward_args`, HF generation kwargs onto `generation`, PPO's alg.kl_div onto
 kl_coef / target_kl, and so on. A datapool argument must equal the prompt
@@ -16,13 +16,11 @@ original's logging, checkpoint housekeeping or device placement are dropped
 (IGNORED); any other field -- or a value rlgrad cannot honour, such as a cosine
 learning-rate schedule or beam search -- is an error naming the field.
 
-Two settings are translated rather than copied, because the two PPO
-implementations count differently:
-  * RL4LMs collects `n_steps` token steps in each of `n_envs` environments per
-    iteration; rlgrad collects whole completions, K = 4 per prompt so that each
-    prompt's reward std is observed. inputs_per_rollout is chosen so that a
-    rollout holds about n_steps * n_envs / max_episode_length completions (at
-    least one minibatch);
+PPO's rollout keeps the reference's size and minibatching: `n_steps` x `n_envs`
+token transitions per iteration become rollout_tokens, filled by batches of
+`n_envs` prompts (inputs_per_rollout), and `batch_size` stays a count of token
+transitions (minibatch_size). One deliberate difference: K = 4 completions per
+prompt (RL4LMs draws one), so that each prompt's reward std is observed;
   * `train_evaluation.n_iters` (iterations of rollout + update) is num_rollouts.
 
 The result is a plain dict in the sweep-file format; `yaml.safe_dump` it to get
@@ -31,7 +29,6 @@ a runnable file. `import_rl4lms_file(path)` reads one YAML file.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -201,12 +198,12 @@ def _ppo_config(reader: "_Reader", task: str) -> dict:
         generation["max_prompt_length"] = min(generation["max_prompt_length"], env_prompt_length)
     values["generation"] = generation
 
-    # rollout size: about n_steps * n_envs token steps / episode length completions, >= one minibatch
-    token_steps = reader.take("alg.args.n_steps", 128) * reader.take("env.n_envs", 1)
-    completions = max(values.get("minibatch_size", 64),
-                      token_steps / (episode_length or generation["max_new_tokens"]))
+    # the rollout buffer: n_steps x n_envs token transitions, filled by batches of n_envs prompts
+    # (alg_wrappers.py); rlgrad draws K completions per prompt where RL4LMs draws one
+    n_envs = reader.take("env.n_envs", 1)
+    values["rollout_tokens"] = reader.take("alg.args.n_steps", 128) * n_envs
     values["num_samples_per_input"] = PPO_SAMPLES_PER_INPUT
-    values["inputs_per_rollout"] = math.ceil(completions / PPO_SAMPLES_PER_INPUT)
+    values["inputs_per_rollout"] = n_envs
     if reader.has("train_evaluation.n_iters"):
         values["num_rollouts"] = reader.take("train_evaluation.n_iters")
     if reader.has("train_evaluation.eval_every"):

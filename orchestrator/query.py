@@ -9,42 +9,29 @@ DuckDB pushes column selection and filters down into the Parquet scan.
 
 from __future__ import annotations
 
-import posixpath
-
 import duckdb
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 
+from workloads.core.storage import ResultsRoot
 from workloads.core.tables import SCHEMAS
-from workloads.core.storage import resolve
-
-from .tables_io import table_dataset
 
 
 def list_sweeps(results: str) -> list[str]:
     """Names of the sweeps under a results root (directories holding sweep.yaml)."""
-    fs, base = resolve(results)
-    info = fs.get_file_info(base)
-    if info.type != pafs.FileType.Directory:
-        return []
-    sweeps = []
-    for entry in fs.get_file_info(pafs.FileSelector(base)):
-        if entry.type == pafs.FileType.Directory and \
-                fs.get_file_info(posixpath.join(entry.path, "sweep.yaml")).type == pafs.FileType.File:
-            sweeps.append(entry.base_name)
-    return sorted(sweeps)
+    return ResultsRoot(results).sweeps()
 
 
 def connect(results: str, sweeps: list[str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the four views registered."""
-    chosen = sweeps or list_sweeps(results)
-    known = set(list_sweeps(results))
+    root = ResultsRoot(results)
+    chosen = sweeps or root.sweeps()
+    known = set(root.sweeps())
     for sweep in chosen:
         if sweep not in known:
             raise ValueError(f"no sweep named {sweep!r} under {results}; sweeps there: {', '.join(sorted(known)) or 'none'}")
     con = duckdb.connect()
     for name in ("samples", "inputs", "metrics", "trials"):
-        parts = [d for d in (table_dataset(results, s, name) for s in chosen) if d is not None]
+        parts = [d for d in (root.table_dataset(s, name) for s in chosen) if d is not None]
         dataset = ds.dataset(parts) if parts else SCHEMAS[name].empty_table()
         con.register(name, dataset)
     return con

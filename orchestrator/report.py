@@ -1,39 +1,50 @@
 """report.html: one self-contained page (plotly.js inlined) per sweep.
 
 Sections, each skipped when the sweep has no data for it:
-  1. per-stage summary table (every trial, its parameters, status, key numbers)
+  1. per-stage summary table (every trial, its parameters, status, key numbers,
+     and a failed trial's cause)
   2. reward mean vs reward std per input (the paper's Figure 1 view)
   3. reward std vs gradient norm, log-log, with a fitted c * std^(2/3) envelope
      (Theorem 1 bounds the expected gradient by C L gamma STD^(2/3); we fit c to
      the data as the smallest constant that bounds every point, per trial)
   4. distribution of reward std and the share of inputs under thresholds
-  5. training curves from the metrics table
-  6. controlled finetunes (modified vs unmodified inputs), when present
+  5. the per-input table: every input with its samples, sortable and filterable
+  6. training curves from the metrics table
+  7. controlled finetunes (modified vs unmodified inputs), when present
+Hovering a point of the per-input plots shows that input's prompt, reward mean
+and std, gradient norm and first samples; clicking it opens it in the table
+(report_page.py draws both from the block report_inputs.py builds).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import posixpath
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from workloads.core.storage import resolve
+from plotly.offline import get_plotlyjs
 
-from .tables_io import table_dataset
+from workloads.core.config import REWARD_STD_THRESHOLDS
+from workloads.core.storage import ResultsRoot
 
-STD_THRESHOLDS = (0.01, 0.05, 0.1, 0.2)
+from .report_inputs import inputs_payload, load_samples, samples_per_input, within_text_budget
+from .report_page import INPUTS_SECTION, figure_block, page_html
+from .trial_errors import strip_ansi
+
+# plotly marks the traces whose points are inputs (customdata = row of the per-input block)
+INPUT_POINTS = {"rows": True}
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
 def load_sweep_frames(results: str, sweep: str) -> dict[str, pd.DataFrame]:
     """The sweep's tables as DataFrames (empty frames where a table has no rows)."""
+    root = ResultsRoot(results)
     frames: dict[str, pd.DataFrame] = {}
     for name in ("inputs", "trials", "metrics"):
-        dataset = table_dataset(results, sweep, name)
+        dataset = root.table_dataset(sweep, name)
         frames[name] = dataset.to_table().to_pandas() if dataset is not None else pd.DataFrame()
     return frames
 
@@ -90,19 +101,26 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
             if isinstance(metrics.get(key), (int, float)):
                 row[key] = metrics[key]
         if metrics.get("error"):
-            row["error"] = metrics["error"]
+            row["cause"] = strip_ansi(str(metrics["error"]))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _table_html(df: pd.DataFrame) -> str:
+    """A plain table; a `status` column classes its row (status-ERROR is shaded) and
+    a `cause` column (a failed trial's error) is set apart."""
     def fmt(v):
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.4g}"
+        if isinstance(v, float):  # a count in a column with gaps is a float: 10000.0 reads 10000, not 1e+04
+            return "" if np.isnan(v) else f"{v:.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
         return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    cells = ['<td class="cause">{}</td>' if c == "cause" else "<td>{}</td>" for c in df.columns]
+    status = list(df.columns).index("status") if "status" in df.columns else None
+    body = "".join(
+        (f'<tr class="status-{html.escape(str(row[status]))}">' if status is not None else "<tr>")
+        + "".join(cell.format(fmt(v)) for cell, v in zip(cells, row)) + "</tr>"
+        for row in df.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -118,11 +136,13 @@ def _improvement_figure(inputs: pd.DataFrame, labels: dict[str, str]):
             continue
         first = sub[sub["step"] == steps[0]].set_index("input_id")
         last = sub[sub["step"] == steps[-1]].set_index("input_id")
-        both = first.join(last, lsuffix="_first", rsuffix="_last", how="inner")
+        both = first.merge(last, left_index=True, right_index=True, suffixes=("_first", "_last"))
         gain = both["reward_mean_last"] - both["reward_mean_first"]
         fig.add_trace(go.Scattergl(x=both["reward_std_first"], y=gain, mode="markers", marker={"size": 6, "opacity": 0.7},
                                    name=f"{labels.get(t, t)}: step {steps[0]} → {steps[-1]}",
-                                   text=both["prompt_first"], hovertemplate="initial std %{x:.3f}<br>gain %{y:.3f}<br>%{text}<extra></extra>"))
+                                   customdata=both["row_first"].tolist(), meta=INPUT_POINTS,
+                                   hovertemplate="initial std %{x:.3f} · gain %{y:+.3f}<br>at step "
+                                                 f"{steps[0]}: %{{text}}<extra></extra>"))
         for lo, hi in ((0, 0.05), (0.05, float("inf"))):
             group = (both["reward_std_first"] >= lo) & (both["reward_std_first"] < hi)
             rows.append({"trial": labels.get(t, t), "initial reward std": f"[{lo}, {hi})", "inputs": int(group.sum()),
@@ -178,8 +198,8 @@ def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
         sub = inputs[inputs["trial"] == t]
         fig.add_trace(go.Scattergl(x=sub["reward_std"], y=sub["reward_mean"], mode="markers", name=labels.get(t, t),
                                    marker={"size": 5, "opacity": 0.6, "color": PALETTE[i % len(PALETTE)]},
-                                   text=sub["prompt"],
-                                   hovertemplate="std %{x:.3f}<br>mean %{y:.3f}<br>%{text}<extra></extra>"))
+                                   customdata=sub["row"].tolist(), meta=INPUT_POINTS,
+                                   hovertemplate="%{text}<extra></extra>"))
     fig.update_layout(title="Reward mean vs reward std, one point per input (paper Fig. 1 view)",
                       xaxis_title="reward std under the model (1/K)", yaxis_title="reward mean")
     figs.append(("reward-mean-vs-std", fig, "Inputs near std = 0 get almost no expected gradient from RFT, whatever their mean reward."))
@@ -194,7 +214,9 @@ def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
             zero = int((sub["reward_std"] == 0).sum())
             group, colour = f"g{i}", PALETTE[i % len(PALETTE)]
             fig.add_trace(go.Scattergl(x=pos["reward_std"], y=pos["grad_norm"], mode="markers", name=labels.get(t, t),
-                                       legendgroup=group, marker={"size": 5, "opacity": 0.6, "color": colour}))
+                                       legendgroup=group, marker={"size": 5, "opacity": 0.6, "color": colour},
+                                       customdata=pos["row"].tolist(), meta=INPUT_POINTS,
+                                       hovertemplate="%{text}<extra></extra>"))
             c = fit_envelope(sub["reward_std"].to_numpy(), sub["grad_norm"].to_numpy())
             if c is not None and len(pos):
                 xs = np.logspace(np.log10(pos["reward_std"].min()), np.log10(pos["reward_std"].max()), 50)
@@ -215,7 +237,7 @@ def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
                       xaxis_title="reward std", yaxis_title="inputs")
     shares = pd.DataFrame([
         {"trial": labels.get(t, t), **{f"std < {th}": float((inputs[inputs['trial'] == t]["reward_std"] < th).mean())
-                                      for th in STD_THRESHOLDS}}
+                                      for th in REWARD_STD_THRESHOLDS}}
         for t in trials
     ])
     figs.append(("reward-std-distribution", fig, "Share of inputs under each reward-std threshold:" + _table_html(shares)))
@@ -238,6 +260,29 @@ def _curve_figures(metrics: pd.DataFrame, labels: dict[str, str]) -> list:
     return figs
 
 
+def _input_rows(inputs: pd.DataFrame) -> pd.DataFrame:
+    """The inputs in the page's order (trial, step, input), each numbered by `row`."""
+    inputs = inputs.sort_values(["trial", "step", "input_id"], kind="stable").reset_index(drop=True)
+    return inputs.assign(row=np.arange(len(inputs)))
+
+
+def _inputs_block(results: str, sweep: str, inputs: pd.DataFrame, labels: dict[str, str]) -> dict:
+    per_input = samples_per_input(len(inputs), int(inputs["num_samples"].max()))
+    samples = load_samples(results, sweep, per_input)
+    fits = within_text_budget(samples, per_input)
+    if fits < per_input:  # long outputs: fewer of each input's samples
+        samples, per_input = samples[samples["sample_idx"] < fits], fits
+    return inputs_payload(inputs, samples, list(dict.fromkeys(inputs["trial"])), labels, per_input)
+
+
+INTRO = """<p>Reward std is the population (1/K) std of the K sampled rewards per input; gradient norm is the norm of the
+leave-one-out-baseline policy-gradient estimate over all trainable parameters.{drill} The tables behind every plot are in
+<code>inputs.parquet</code>, <code>samples/</code>, <code>metrics/</code> and <code>trials/</code> beside this file
+(query them with <code>rlgrad query</code>).</p>"""
+DRILL = """ Hover a point to see its input's prompt and samples; click it to open the input in the
+<a href="#inputs">per-input table</a>."""
+
+
 def build_report(results: str, sweep: str) -> str:
     """Write <results>/<sweep>/report.html and return its path/URI."""
     frames = load_sweep_frames(results, sweep)
@@ -247,8 +292,11 @@ def build_report(results: str, sweep: str) -> str:
     # blocks in page order: an HTML string, or (anchor, plotly figure, note)
     blocks: list = []
     if len(trials):
-        blocks.append("<h2>Trials</h2>" + _table_html(summary_table(inputs, trials, labels)))
+        blocks.append('<h2 id="trials">Trials</h2>' + _table_html(summary_table(inputs, trials, labels)))
+    block = None
     if len(inputs):
+        inputs = _input_rows(inputs)
+        block = _inputs_block(results, sweep, inputs, labels)
         blocks.append("<h2>Per-input reward std and gradient norm</h2>")
         blocks += _extract_figures(inputs, labels)
         improvement = _improvement_figure(inputs, labels)
@@ -259,11 +307,13 @@ def build_report(results: str, sweep: str) -> str:
         if trajectories:
             blocks.append("<h2>Per-prompt trajectories</h2>")
             blocks += trajectories
+        blocks.append(INPUTS_SECTION)
     controlled_trials = set(trials[trials["workload"] == "controlled"]["trial"]) if len(trials) else set()
     curves = metrics[~metrics["trial"].isin(controlled_trials)] if len(metrics) else metrics
-    if len(curves):
+    curve_figures = _curve_figures(curves, labels) if len(curves) else []
+    if curve_figures:  # metrics logged once per trial are in the trials table, not curves
         blocks.append("<h2>Training curves</h2>")
-        blocks += _curve_figures(curves, labels)
+        blocks += curve_figures
     if controlled_trials:
         from .controlled_report import controlled_section
 
@@ -275,28 +325,20 @@ def build_report(results: str, sweep: str) -> str:
         blocks.append("<p>This sweep has written no samples or metrics yet.</p>")
 
     body = []
-    first = True
-    for block in blocks:
-        if isinstance(block, str):
-            body.append(block)
+    figures = 0
+    for item in blocks:
+        if isinstance(item, str):
+            body.append(item)
             continue
-        anchor, fig, note = block
+        anchor, fig, note = item
         fig.update_layout(height=520, template="plotly_white", legend={"font": {"size": 10}})
-        div = fig.to_html(full_html=False, include_plotlyjs="inline" if first else False)
-        first = False
-        body.append(f'<section id="{anchor}">{div}<p class="note">{note}</p></section>')
+        body.append(figure_block(anchor, fig, note, figures))
+        figures += 1
 
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rlgrad: {html.escape(sweep)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555;font-size:13px}}</style>
-</head><body><h1>rlgrad sweep <code>{html.escape(sweep)}</code></h1>
-<p>Reward std is the population (1/K) std of the K sampled rewards per input; gradient norm is the norm of the
-leave-one-out-baseline policy-gradient estimate over all trainable parameters. The tables behind every plot are in
-<code>inputs.parquet</code>, <code>samples/</code>, <code>metrics/</code> and <code>trials/</code> beside this file
-(query them with <code>rlgrad query</code>).</p>
-{''.join(body)}</body></html>"""
-    fs, base = resolve(results)
-    path = posixpath.join(base, sweep, "report.html")
-    with fs.open_output_stream(path) as f:
-        f.write(page.encode())
-    return path if "://" not in results else f"{results.split('://', 1)[0]}://{path}"
+    nav = ('<nav><a href="#trials">trials</a><a href="#reward-mean-vs-std">plots</a><a href="#inputs">inputs</a></nav>'
+           if block is not None else "")
+    intro = f"<h1>rlgrad sweep <code>{html.escape(sweep)}</code></h1>{nav}" + INTRO.format(drill=DRILL if block else "")
+    page = page_html(f"rlgrad: {sweep}", intro, "".join(body), block, get_plotlyjs() if figures else None)
+    root = ResultsRoot(results)
+    root.write_text(sweep, "report.html", text=page)
+    return root.uri(sweep, "report.html")

@@ -1,11 +1,13 @@
 """Sweep files: YAML -> typed, validated spec -> concrete trials.
 
 A sweep file holds stages run in order. Each stage names a workload, gives
-its config (keys map one to one onto the workload's config class in
-workloads/configs.py), optionally a search (grid or Optuna) over any config
-field, Ray Train scaling, and optionally `from_stage:` -- an earlier stage
-whose checkpoints this one starts from (one trial per finished trial of that
-stage, times this stage's own grid). Everything is validated before Ray
+its config (keys map one to one onto the workload's config class, listed by
+`rlgrad config WORKLOAD`), optionally `config_from:` -- an earlier stage whose
+config block this one starts from (deep-merged, the stage's own keys win) --
+a search (grid or Optuna) over any config field, Ray Train scaling, and
+optionally `from_stage:` -- an earlier stage whose checkpoints this one starts
+from (one trial per finished trial of that stage, times this stage's own
+grid). Everything is validated before Ray
 starts or anything is written: a bad file gives one line naming the field, the
 value and what is allowed.
 """
@@ -25,8 +27,8 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from workloads import validate_config
-from workloads import WORKLOADS
+from workloads import WORKLOADS, validate_config
+from workloads.core.config import config_models
 
 
 class SpecError(ValueError):
@@ -90,6 +92,7 @@ class StageSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     workload: str
     config: dict[str, Any] = {}
+    config_from: str | None = None  # an earlier stage whose config block this one starts from
     search: SearchSpec = SearchSpec()
     from_stage: str | None = None
     scaling: ScalingSpec = ScalingSpec()
@@ -134,14 +137,6 @@ def _loc(parts) -> str:
     return out
 
 
-def _models_in(annotation) -> list[type[BaseModel]]:
-    """The pydantic models a field's annotation holds: itself, Optional[M], or a
-    (discriminated) union of models such as ControlledConfig.model."""
-    members = [annotation, *getattr(annotation, "__args__", ())]
-    members += [m for a in members for m in getattr(a, "__args__", ())]  # Annotated[Union[...], ...]
-    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
-
-
 def _allowed_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
     """Field names allowed at `loc` (the parent of an unknown key) within model_cls.
     In a discriminated union pydantic puts the tag in `loc` (model -> 'mlp' -> key)."""
@@ -151,7 +146,7 @@ def _allowed_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
             continue
         field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
         if field is not None:
-            candidates = _models_in(field.annotation)
+            candidates = config_models(field.annotation)
         else:  # a union member's tag
             candidates = [c for c in candidates if getattr(c.model_fields.get("type"), "default", None) == part]
         if not candidates:
@@ -190,7 +185,7 @@ def get_dotted(model_cls: type[BaseModel], dotted: str):
         field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
         if field is None:
             return None
-        candidates = _models_in(field.annotation)
+        candidates = config_models(field.annotation)
     return field
 
 
@@ -212,6 +207,10 @@ def load_spec(path: str) -> tuple[SweepSpec, str]:
             text = f.read()
     except OSError as e:
         raise SpecError(f"{path}: cannot read the sweep file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise SpecError(f"{path}: the sweep file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at line {line}); "
+                        "save it as UTF-8") from None
     return parse_spec(text, source=path), text
 
 
@@ -228,12 +227,49 @@ def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
         spec = SweepSpec.model_validate(raw)
     except pydantic.ValidationError as e:
         _fail(source, _format_error(e, SweepSpec, ""))
-    _check_stages(spec, source)
-    return spec
+    return _check_stages(spec, source)
 
 
-def _check_stages(spec: SweepSpec, source: str) -> None:
+def merge_configs(base: dict, own: dict) -> dict:
+    """`own` deep-merged onto `base`: nested mappings merge key by key, `own` wins,
+    lists and scalars are replaced whole. A mapping whose `type` differs (another
+    member of a union such as ControlledConfig.model) replaces the base's whole."""
+    merged = copy.deepcopy(base)
+    for key, value in own.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and below.get("type", value.get("type")) == value.get("type", below.get("type")):
+            merged[key] = merge_configs(below, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _config_from(stage: StageSpec, seen: dict[str, StageSpec], names: list[str], source: str, where: str) -> StageSpec:
+    """The stage with its config block starting from the named earlier stage's
+    (already merged) block. With from_stage the base's checkpoint field is left
+    out: from_stage fills it."""
+    base = seen.get(stage.config_from)
+    if base is None:
+        if stage.config_from in names:
+            rule = "is this stage or a later one; config_from names an earlier stage"
+        else:
+            rule = "no stage of that name"
+        _fail(source, f"{where}.config_from = {stage.config_from!r}: {rule}; earlier stages: {', '.join(seen) or 'none'}")
+    config_cls, base_cls = WORKLOADS[stage.workload].config, WORKLOADS[base.workload].config
+    if base_cls is not config_cls:
+        _fail(source, f"{where}.config_from = {stage.config_from!r}: that stage's workload {base.workload!r} has config "
+                      f"{base_cls.__name__}, this stage's {stage.workload!r} has {config_cls.__name__}; "
+                      "config_from needs the same config class")
+    base_config = dict(base.config)
+    if stage.from_stage is not None:
+        base_config.pop(config_cls.checkpoint_field, None)
+    return stage.model_copy(update={"config": merge_configs(base_config, stage.config)})
+
+
+def _check_stages(spec: SweepSpec, source: str) -> SweepSpec:
+    """Check every stage and return the spec with `config_from` blocks merged in."""
     seen: dict[str, StageSpec] = {}
+    names = [stage.name for stage in spec.stages]
     for i, stage in enumerate(spec.stages):
         where = f"stages[{i}]"
         if stage.name in seen:
@@ -255,8 +291,11 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
             if getattr(config_cls, "checkpoint_field") in stage.config:
                 field = config_cls.checkpoint_field
                 _fail(source, f"{where}.config.{field}: set by from_stage={stage.from_stage!r}; remove it or remove from_stage")
+        if stage.config_from is not None:
+            stage = _config_from(stage, seen, names, source, where)
         _check_config(stage, config_cls, source, where)
         seen[stage.name] = stage
+    return spec.model_copy(update={"stages": list(seen.values())})
 
 
 def _validate_values(stage: StageSpec, config_cls, values: dict, source: str, where: str):
@@ -351,9 +390,64 @@ def resolve_trial(stage: StageSpec, params: dict, parent_trial: str | None) -> R
     )
 
 
+def resolved_trials(spec: SweepSpec) -> list[dict]:
+    """Every trial the sweep would run, as plain data: stage, trial id, workload,
+    parent trial, searched values and the complete config (every default filled,
+    the grid point applied, a `from_stage` checkpoint as the "@<stage>/<trial>"
+    reference the driver fills in). A from_stage stage gets one trial per trial
+    of its parent stage (the driver runs those whose parent finished).
+
+    Optuna draws its points at run time, so an Optuna stage gives one entry per
+    parent with its base config, the search space and no trial id; a stage that
+    starts from it cannot know its parents' ids either, and shows the reference
+    as "@<stage>/<trial drawn at run time>"."""
+    entries: list[dict] = []
+    trial_ids: dict[str, list[str] | None] = {}  # stage -> its trial ids; None: known only at run time
+    for stage in spec.stages:
+        if stage.from_stage is None:
+            parents: list[str | None] = [None]
+        else:
+            parents = trial_ids[stage.from_stage] or [_DRAWN_AT_RUN_TIME]
+        ids_known = stage.search.optuna is None and (stage.from_stage is None or trial_ids[stage.from_stage] is not None)
+        stage_ids = []
+        for parent in parents:
+            if stage.search.optuna is not None:
+                opt = stage.search.optuna
+                base = resolve_trial(stage, {}, parent)
+                entries.append({"stage": stage.name, "trial": None, "workload": stage.workload,
+                                "parent_trial": parent,
+                                "trials": f"{opt.num_samples} drawn by Optuna at run time",
+                                "search_space": opt.model_dump(mode="json"),
+                                "base_config": base.config.model_dump(mode="json")})
+                continue
+            for params in grid_points(stage) or [{}]:
+                trial = resolve_trial(stage, params, parent)
+                stage_ids.append(trial.trial_id)
+                entries.append({"stage": stage.name, "trial": trial.trial_id if ids_known else None,
+                                "workload": stage.workload, "parent_trial": parent, "params": params,
+                                "config": trial.config.model_dump(mode="json")})
+        trial_ids[stage.name] = stage_ids if ids_known else None
+    for entry in entries:
+        if entry["parent_trial"] is None:
+            del entry["parent_trial"]
+    return entries
+
+
+_DRAWN_AT_RUN_TIME = "<trial drawn at run time>"
+
+
+def resolved_trials_yaml(spec: SweepSpec, source: str) -> str:
+    """`rlgrad validate --resolved`: resolved_trials as one YAML document."""
+    entries = resolved_trials(spec)
+    header = f"# {source}: {len(entries)} trial(s) or Optuna search(es); complete configs, defaults filled\n"
+    return header + yaml.safe_dump({"sweep": spec.sweep, "trials": entries}, sort_keys=False, width=100)
+
+
 def resolved_spec_yaml(spec: SweepSpec) -> str:
-    """The spec as run: every default filled in, for <results>/<sweep>/sweep.yaml."""
-    data = spec.model_dump(mode="json")
+    """The spec as run: every default filled in, for <results>/<sweep>/sweep.yaml.
+    `config_from` is left out: its block is merged into `config`, so a file that
+    copies blocks and one that names them give the same sweep.yaml."""
+    data = spec.model_dump(mode="json", exclude={"stages": {"__all__": {"config_from"}}})
     for stage_data, stage in zip(data["stages"], spec.stages):
         config = validate_config(stage.workload, stage.config).model_dump(mode="json")
         if stage.from_stage is not None:

@@ -22,6 +22,8 @@ def _spec(stage=GOOD_STAGE, sweep="bad"):
 
 CASES = {
     # name: (spec text, extra CLI args, text the error must contain)
+    "a sweep file that is not UTF-8": (_spec().replace("sweep: bad", "sweep: bad # caf\xe9").encode("latin-1"), [],
+                                       "spec.yaml: the sweep file is not UTF-8 text (byte 0xe9 at line 1); save it as UTF-8"),
     "malformed YAML": ("sweep: bad\nstages: [\n  {name: x\n", [], "not valid YAML at line"),
     "unknown key, with a suggestion": (_spec(GOOD_STAGE.replace("num_inputs", "num_input")), [],
                                        "unknown key 'num_input' (did you mean 'num_inputs'?)"),
@@ -79,7 +81,7 @@ def earlier_results(tmp_path):
 def test_bad_input_is_one_line_exit_2_and_leaves_results_untouched(case, tmp_path, earlier_results, capsys, monkeypatch):
     text, args, expected = CASES[case]
     spec = tmp_path / "spec.yaml"
-    spec.write_text(text)
+    spec.write_bytes(text) if isinstance(text, bytes) else spec.write_text(text)
     if case == "a sweep another driver is running":
         from orchestrator.spec import parse_spec, resolved_spec_yaml
 

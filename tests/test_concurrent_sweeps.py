@@ -9,7 +9,7 @@ import time
 import pytest
 
 from orchestrator.query import list_sweeps
-from orchestrator.tables_io import read_table
+from workloads.core.storage import ResultsRoot
 
 pytestmark = pytest.mark.ray
 
@@ -42,9 +42,9 @@ def test_two_sweeps_at_once_into_one_root(tmp_path):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
     assert list_sweeps(results) == ["left", "right"]
     for name in ("left", "right"):
-        trials = read_table(results, name, "trials").to_pylist()
+        trials = ResultsRoot(results).read_table(name, "trials").to_pylist()
         assert len(trials) == 3 and {t["sweep"] for t in trials} == {name}
-        metrics = read_table(results, name, "metrics")
+        metrics = ResultsRoot(results).read_table(name, "metrics")
         assert metrics.num_rows == 3 * 2 and set(metrics["sweep"].to_pylist()) == {name}
 
 
@@ -69,4 +69,4 @@ def test_the_same_sweep_twice_at_once_is_refused(tmp_path):
         if first.poll() is None:
             first.kill()
     assert not os.path.exists(os.path.join(results, "busy", ".driver.lock"))  # released at the end
-    assert len(read_table(results, "busy", "trials").to_pylist()) == 3
+    assert len(ResultsRoot(results).read_table("busy", "trials").to_pylist()) == 3

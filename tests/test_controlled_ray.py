@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.tables_io import read_table
+from workloads.core.storage import ResultsRoot
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +37,7 @@ def test_controlled_digits_pipeline_through_ray(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    trials = read_table(results, "mini_controlled", "trials").to_pylist()
+    trials = ResultsRoot(results).read_table("mini_controlled", "trials").to_pylist()
     pretrain = [t for t in trials if t["stage"] == "pretrain"]
     finetune = [t for t in trials if t["stage"] == "finetune"]
     assert len(pretrain) == 1 and len(finetune) == 2
@@ -49,7 +49,7 @@ def test_controlled_digits_pipeline_through_ray(tmp_path):
     final = {json.loads(t["config"])["opt_method"]: json.loads(t["metrics"]) for t in finetune}
     assert final["supervised"]["modified/accuracy"] > final["expected_reinforce"]["modified/accuracy"] + 0.3
 
-    metrics = read_table(results, "mini_controlled", "metrics").to_pandas()
+    metrics = ResultsRoot(results).read_table("mini_controlled", "metrics").to_pandas()
     for t in finetune:
         rows = metrics[metrics["trial"] == t["trial"]]
         for split in ("modified", "unmodified"):

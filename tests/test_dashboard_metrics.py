@@ -18,9 +18,9 @@ def test_reported_metrics_are_exported_as_ray_gauges_per_trial():
 
         @ray.remote
         def worker_reports():
-            from orchestrator.driver import _dashboard_gauges
+            from orchestrator.worker import dashboard_gauges
 
-            record = _dashboard_gauges({"sweep": "sw", "stage": "extract", "trial": "extract-abc"})
+            record = dashboard_gauges({"sweep": "sw", "stage": "extract", "trial": "extract-abc"})
             for _ in range(60):
                 record({"samples_per_s": 12.5, "share_reward_std_below_0.05": 0.25, "model": "not a number"})
                 time.sleep(0.5)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.query import run_query
-from orchestrator.tables_io import read_table
+from workloads.core.storage import ResultsRoot
 from workloads.core.tables import INPUTS, SAMPLES
 
 pytestmark = pytest.mark.ray
@@ -48,7 +48,7 @@ def test_quickstart_pipeline_through_ray(tmp_path):
     out = proc.stdout
     assert "report: " in out and "per-input table: " in out
 
-    trials = read_table(results, "mini", "trials").to_pylist()
+    trials = ResultsRoot(results).read_table("mini", "trials").to_pylist()
     sft = [t for t in trials if t["stage"] == "sft"]
     extract = [t for t in trials if t["stage"] == "extract"]
     assert len(sft) == 2 and len(extract) == 2
@@ -63,7 +63,7 @@ def test_quickstart_pipeline_through_ray(tmp_path):
         assert "loss" in json.loads(t["metrics"])
 
     # samples: inputs x K rows per extraction trial, each (trial, input, sample) once, the declared schema
-    samples = read_table(results, "mini", "samples")
+    samples = ResultsRoot(results).read_table("mini", "samples")
     assert samples.schema.remove_metadata().equals(SAMPLES)
     assert samples.num_rows == 2 * NUM_INPUTS * K
     keys = {(r["trial"], r["input_id"], r["sample_idx"]) for r in samples.select(["trial", "input_id", "sample_idx"]).to_pylist()}
@@ -92,7 +92,7 @@ def test_quickstart_pipeline_through_ray(tmp_path):
     again = _rlgrad("run", spec, "--results", results, "--quiet", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished in an earlier run; skipped") == 4
-    assert read_table(results, "mini", "samples").num_rows == 2 * NUM_INPUTS * K
+    assert ResultsRoot(results).read_table("mini", "samples").num_rows == 2 * NUM_INPUTS * K
 
     # query and status verbs work on the result
     q = _rlgrad("query", "--results", results, "SELECT count(*) AS n FROM samples", "--format", "json", cwd=tmp_path)
@@ -134,7 +134,7 @@ stages:
     results = str(tmp_path / "results")
     proc = _rlgrad("run", str(spec), "--results", results, "--quiet", "--max-concurrent", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = read_table(results, "opt", "trials").to_pylist()
+    trials = ResultsRoot(results).read_table("opt", "trials").to_pylist()
     assert len(trials) == 6
     xs = [json.loads(t["params"])["x"] for t in trials]
     assert all(-4.0 <= x <= 4.0 for x in xs) and len(set(xs)) == 6

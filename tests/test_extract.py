@@ -138,3 +138,31 @@ def test_registry_entry_point(tmp_path):
     values = dict(num_inputs=3, num_samples_per_input=2, generation={"max_new_tokens": 4})
     summary = run_workload("extract", values, local_context(str(tmp_path), show_progress=False))
     assert summary["num_inputs"] == 3
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
+def test_every_statistic_recomputes_from_the_stored_token_ids(tmp_path, model):
+    """The samples table alone rebuilds each input's log-probs and gradient norm:
+    the stored token ids are exactly what was sampled (the texts drop special tokens)."""
+    import torch
+
+    from workloads.text.gradnorm import per_input_grad_norms_loop
+    from workloads.text.models import load_model_and_tokenizer, sequence_log_probs
+
+    run_extract(tiny_config(model, grad_norm_dtype="float64"), local_context(str(tmp_path), show_progress=False))
+    samples = read(tmp_path, "samples").sort_values(["input_id", "sample_idx"])
+    inputs = read(tmp_path, "inputs").set_index("input_id")
+    policy, tokenizer = load_model_and_tokenizer(model)
+    policy = policy.double().eval()
+    for input_id, group in list(samples.groupby("input_id"))[:4]:
+        prompt = [int(t) for t in group.prompt_token_ids.iloc[0]]
+        outputs = [[int(t) for t in ids] for ids in group.output_token_ids]
+        assert all(len(ids) == n for ids, n in zip(outputs, group.num_tokens))
+        assert all(tokenizer.decode(ids, skip_special_tokens=True) == text for ids, text in zip(outputs, group.output))
+        with torch.no_grad():
+            log_probs = sequence_log_probs(policy, [prompt] * K, outputs)
+        np.testing.assert_allclose(log_probs.numpy(), group.log_prob.to_numpy(), rtol=1e-4, atol=1e-4)
+        rewards = torch.tensor(group.reward.to_numpy(), dtype=torch.float64).view(1, K)
+        recomputed = per_input_grad_norms_loop(policy, [prompt], [outputs], rewards)
+        assert recomputed.item() == pytest.approx(inputs.loc[input_id, "grad_norm"], rel=1e-6, abs=1e-9)
+    assert samples.model.eq(model).all() and inputs.model.eq(model).all()

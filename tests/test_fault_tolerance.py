@@ -12,7 +12,7 @@ import time
 import pyarrow.compute as pc
 import pytest
 
-from orchestrator.tables_io import read_table
+from workloads.core.storage import ResultsRoot
 
 pytestmark = pytest.mark.ray
 
@@ -55,7 +55,7 @@ def _train_worker_pids():
 
 
 def _assert_exactly_once(results, sweep):
-    samples = read_table(results, sweep, "samples")
+    samples = ResultsRoot(results).read_table(sweep, "samples")
     keys = [(r["input_id"], r["sample_idx"]) for r in samples.select(["input_id", "sample_idx"]).to_pylist()]
     assert len(keys) == len(set(keys)) == NUM_INPUTS * K
     assert len({i for i, _ in keys}) == NUM_INPUTS
@@ -82,12 +82,12 @@ def test_killed_train_worker_restarts_and_continues_after_committed_shards(tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
     _assert_exactly_once(results, "ft")
-    (trial,) = read_table(results, "ft", "trials").to_pylist()
+    (trial,) = ResultsRoot(results).read_table("ft", "trials").to_pylist()
     assert trial["status"] == "TERMINATED"
     # the restarted worker group kept the shards committed before the kill, untouched
     assert committed and _mtimes(committed) == committed
     assert "failed" in out.lower() or "restart" in out.lower() or "died" in out.lower(), out[-2000:]
-    inputs = read_table(results, "ft", "inputs")
+    inputs = ResultsRoot(results).read_table("ft", "inputs")
     assert inputs.num_rows == NUM_INPUTS
 
 
@@ -112,16 +112,16 @@ stages:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(2)
-    before = read_table(results, "resume", "trials").to_pylist()
+    before = ResultsRoot(results).read_table("resume", "trials").to_pylist()
     assert {t["stage"] for t in before} == {"sft"}  # the sft stage had finished, extract had not
 
     again = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", results, "--quiet"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("finished in an earlier run; skipped") == 2  # both sft trials
-    trials = read_table(results, "resume", "trials").to_pylist()
+    trials = ResultsRoot(results).read_table("resume", "trials").to_pylist()
     assert sorted(t["stage"] for t in trials) == ["extract", "extract", "sft", "sft"]
-    samples = read_table(results, "resume", "samples")
+    samples = ResultsRoot(results).read_table("resume", "samples")
     for t in (t for t in trials if t["stage"] == "extract"):
         rows = samples.filter(pc.equal(samples["trial"], t["trial"]))
         keys = [(r["input_id"], r["sample_idx"]) for r in rows.select(["input_id", "sample_idx"]).to_pylist()]

@@ -122,8 +122,8 @@ def test_ppo_config():
     assert config.reward == "rouge_l_max"
     assert config.reward_args == {"stemming": True, "alpha": 0.5, "length_limit": 100}
     assert (config.generation.top_k, config.generation.max_new_tokens, config.generation.temperature) == (50, 50, 1.0)
-    # 256 steps x 10 envs / 50 tokens = 51.2 completions -> at least one minibatch of 64 = 16 prompts x 4
-    assert (config.inputs_per_rollout, config.num_samples_per_input) == (16, 4)
+    # the reference's buffer: n_steps 256 x n_envs 10 token transitions, batches of 10 prompts (K = 4 each)
+    assert (config.rollout_tokens, config.inputs_per_rollout, config.num_samples_per_input) == (2560, 10, 4)
 
 
 def test_ppo_with_learned_reward_maps_its_arguments():

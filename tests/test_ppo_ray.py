@@ -9,7 +9,7 @@ import sys
 import pyarrow.compute as pc
 import pytest
 
-from orchestrator.tables_io import read_table
+from workloads.core.storage import ResultsRoot
 from test_tables import decoded  # tests/ is on sys.path (pytest prepend import mode)
 
 pytestmark = pytest.mark.ray
@@ -38,19 +38,19 @@ def test_sft_then_ppo_by_reference_through_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", results, "--quiet"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = {t["stage"]: t for t in read_table(results, "sft_ppo", "trials").to_pylist()}
+    trials = {t["stage"]: t for t in ResultsRoot(results).read_table("sft_ppo", "trials").to_pylist()}
     assert trials["ppo"]["parent_trial"] == trials["sft"]["trial"]
     assert json.loads(trials["ppo"]["config"])["model"] == f"@sft/{trials['sft']['trial']}"
     assert trials["ppo"]["status"] == "TERMINATED" and trials["ppo"]["checkpoint"]
 
-    inputs = read_table(results, "sft_ppo", "inputs", "ppo", trials["ppo"]["trial"])
+    inputs = ResultsRoot(results).read_table("sft_ppo", "inputs", "ppo", trials["ppo"]["trial"])
     before = inputs.filter(pc.equal(inputs["step"], 0))
     after = inputs.filter(pc.equal(inputs["step"], 20))
     assert before.num_rows == after.num_rows == 32
     gain = pc.mean(after["reward_mean"]).as_py() - pc.mean(before["reward_mean"]).as_py()
     assert gain > 0.03, gain  # PPO raised the monitor-set reward
 
-    metrics = read_table(results, "sft_ppo", "metrics", "ppo", trials["ppo"]["trial"])
+    metrics = ResultsRoot(results).read_table("sft_ppo", "metrics", "ppo", trials["ppo"]["trial"])
     names = set(metrics["metric"].to_pylist())
     assert {"share_reward_std_below_0.05", "kl", "policy_loss", "value_loss"} <= names
     assert len(set(pc.unique(metrics["step"]).to_pylist())) >= 20  # a row per rollout

@@ -82,7 +82,7 @@ def test_sweep_with_results_on_s3(s3_env, tmp_path):
     assert not (tmp_path / "results").exists()  # nothing went to local disk
 
     from orchestrator.query import list_sweeps, run_query
-    from workloads.core.storage import resolve
+    from workloads.core.storage import ResultsRoot
 
     assert list_sweeps(results) == ["on_s3"]
     counts = run_query(results, "SELECT count(*) AS n, count(DISTINCT input_id) AS i FROM samples").to_pylist()[0]
@@ -92,7 +92,8 @@ def test_sweep_with_results_on_s3(s3_env, tmp_path):
     assert trials["extract"]["parent_trial"] == trials["sft"]["trial"]
     assert json.loads(trials["extract"]["config"])["model"] == f"@sft/{trials['sft']['trial']}"
 
-    fs, base = resolve(results)
+    root = ResultsRoot(results)
+    fs, base = root.fs, root.path()
     for path in ("on_s3/report.html", "on_s3/inputs.parquet", "on_s3/sweep.yaml"):
         assert fs.get_file_info(f"{base}/{path}").size > 0, path
     assert fs.get_file_info(trials["sft"]["checkpoint"].split("://", 1)[1] + "/config.json").size > 0

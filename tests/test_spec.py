@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, grid_points, parse_spec, resolve_trial
+from orchestrator.spec import SpecError, grid_points, load_spec, parse_spec, resolve_trial
 
 GOOD = """
 sweep: demo
@@ -77,6 +77,15 @@ BAD = {
                                          "unknown key 'hiden_sizes' (did you mean 'hidden_sizes'?); allowed: type, hidden_sizes"),
     "unknown top-level key": ("stage", GOOD.replace("stages:", "stage: []\nstages:"), "unknown key 'stage'"),
     "not YAML": ("not valid YAML", "sweep: [unclosed\n", "line"),
+    "config_from an unknown stage": ("stages[1].config_from",
+                                     GOOD.replace("from_stage: sft", "from_stage: sft\n    config_from: sfft"),
+                                     "= 'sfft': no stage of that name; earlier stages: sft"),
+    "config_from a later stage": ("stages[0].config_from",
+                                  GOOD.replace("workload: sft", "workload: sft\n    config_from: extract"),
+                                  "= 'extract': is this stage or a later one; config_from names an earlier stage"),
+    "config_from another config class": ("stages[1].config_from",
+                                         GOOD.replace("from_stage: sft", "from_stage: sft\n    config_from: sft"),
+                                         "workload 'sft' has config SFTConfig, this stage's 'extract' has ExtractConfig"),
     "extract has no checkpoint": ("from_stage", GOOD + "  - name: again\n    workload: extract\n    from_stage: extract\n",
                                   "writes no checkpoint"),
 }
@@ -161,3 +170,172 @@ def test_every_shipped_search_space_validates_where_the_hub_is_reachable(name, m
     code = main(["validate", os.path.join(SEARCH_SPACES, name)])
     err = capsys.readouterr().err
     assert code == 0 or "needs NLTK data" in err, err  # METEOR's WordNet data is not a hub download
+
+
+# ---------------------------------------------------------------- validate --resolved
+
+
+def _resolved(tmp_path, capsys, text: str) -> dict:
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    assert main(["validate", "--resolved", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {path}: ")
+    return yaml.safe_load(out)
+
+
+def test_validate_resolved_prints_every_trial_with_its_complete_config(tmp_path, capsys):
+    resolved = _resolved(tmp_path, capsys, GOOD)
+    spec = parse_spec(GOOD)
+    trials = resolved["trials"]
+    assert resolved["sweep"] == "demo"
+    assert [t["stage"] for t in trials] == ["sft"] * 2 + ["extract"] * 4  # 2 sft points x 2 temperatures
+    sft_ids = [resolve_trial(spec.stages[0], {"max_steps": n}, None).trial_id for n in (0, 5)]
+    assert [t["trial"] for t in trials[:2]] == sft_ids
+    assert trials[0]["config"]["learning_rate"] == 1e-3 and trials[0]["config"]["num_epochs"] == 1  # a default, filled
+    for trial in trials[2:]:
+        assert trial["parent_trial"] in sft_ids
+        assert trial["config"]["model"] == f"@sft/{trial['parent_trial']}"  # the reference the driver fills in
+        assert trial["config"]["generation"]["temperature"] == trial["params"]["generation.temperature"]
+        assert trial["config"]["generation"]["top_p"] == 1.0 and trial["config"]["seed"] == 7
+        expected = resolve_trial(spec.stages[1], trial["params"], trial["parent_trial"]).trial_id
+        assert trial["trial"] == expected
+    assert len({t["trial"] for t in trials}) == 6
+
+
+OPTUNA = """
+sweep: tuned
+stages:
+  - name: sft
+    workload: sft
+    config: {max_steps: 5}
+    search:
+      optuna: {metric: eval_reward_mean, mode: max, num_samples: 3, params: {learning_rate: {loguniform: [1.0e-5, 1.0e-2]}}}
+  - name: extract
+    workload: extract
+    from_stage: sft
+    config: {num_inputs: 8, num_samples_per_input: 4}
+"""
+
+
+def test_validate_resolved_gives_an_optuna_stage_its_base_config_and_search_space(tmp_path, capsys):
+    sft, extract = _resolved(tmp_path, capsys, OPTUNA)["trials"]
+    assert sft["trial"] is None and sft["trials"] == "3 drawn by Optuna at run time"
+    assert sft["search_space"]["params"] == {"learning_rate": {"loguniform": [1e-5, 1e-2]}}
+    assert sft["base_config"]["max_steps"] == 5 and sft["base_config"]["learning_rate"] == 1e-4  # the default
+    assert extract["trial"] is None  # its parents' ids are drawn at run time
+    assert extract["config"]["model"] == "@sft/<trial drawn at run time>"
+    assert extract["config"]["num_inputs"] == 8
+
+
+OPTUNA_AFTER_GRID = """
+sweep: tuned_after_grid
+stages:
+  - name: sft
+    workload: sft
+    search: {grid: {max_steps: [1, 2]}}
+  - name: extract
+    workload: extract
+    from_stage: sft
+    config: {num_inputs: 8, num_samples_per_input: 4}
+    search:
+      optuna: {metric: reward_mean, mode: max, num_samples: 2, params: {generation.temperature: {uniform: [0.5, 1.5]}}}
+"""
+
+
+def test_validate_resolved_gives_an_optuna_stage_one_search_per_known_parent(tmp_path, capsys):
+    trials = _resolved(tmp_path, capsys, OPTUNA_AFTER_GRID)["trials"]
+    sft_ids = [t["trial"] for t in trials if t["stage"] == "sft"]
+    searches = [t for t in trials if t["stage"] == "extract"]
+    assert len(sft_ids) == 2 and all(sft_ids)
+    assert [s["parent_trial"] for s in searches] == sft_ids
+    assert [s["base_config"]["model"] for s in searches] == [f"@sft/{i}" for i in sft_ids]
+    assert all(s["trial"] is None and s["trials"] == "2 drawn by Optuna at run time" for s in searches)
+
+
+# ---------------------------------------------------------------- config_from
+
+COPIED = """
+sweep: paired
+stages:
+  - name: sft
+    workload: sft
+    config: {max_steps: 5, learning_rate: 1e-3}
+  - name: extract_pretrained
+    workload: extract
+    config: {model: builtin:tiny-t5, num_inputs: 8, num_samples_per_input: 4, generation: {temperature: 0.7, top_k: 5}}
+    search: {grid: {seed: [1, 2]}}
+  - name: extract_sft
+    workload: extract
+    from_stage: sft
+    config: {num_inputs: 8, num_samples_per_input: 4, generation: {temperature: 1.0, top_k: 5}}
+  - name: extract_sft_again
+    workload: extract
+    from_stage: sft
+    config: {num_inputs: 16, num_samples_per_input: 4, generation: {temperature: 1.0, top_k: 5}}
+"""
+
+WITH_CONFIG_FROM = """
+sweep: paired
+stages:
+  - name: sft
+    workload: sft
+    config: {max_steps: 5, learning_rate: 1e-3}
+  - name: extract_pretrained
+    workload: extract
+    config: {model: builtin:tiny-t5, num_inputs: 8, num_samples_per_input: 4, generation: {temperature: 0.7, top_k: 5}}
+    search: {grid: {seed: [1, 2]}}
+  - name: extract_sft
+    workload: extract
+    from_stage: sft
+    config_from: extract_pretrained   # model is left to from_stage; the grid is not inherited
+    config: {generation: {temperature: 1.0}}
+  - name: extract_sft_again
+    workload: extract
+    from_stage: sft
+    config_from: extract_sft          # a chain: extract_pretrained's block, then extract_sft's
+    config: {num_inputs: 16}
+"""
+
+
+def test_config_from_resolves_to_the_same_trials_and_sweep_yaml_as_the_copied_blocks(tmp_path, capsys):
+    from orchestrator.spec import resolved_spec_yaml
+
+    copied = _resolved(tmp_path, capsys, COPIED)
+    named = _resolved(tmp_path, capsys, WITH_CONFIG_FROM)
+    assert named == copied
+    assert [t["stage"] for t in named["trials"]] == ["sft", "extract_pretrained", "extract_pretrained",
+                                                    "extract_sft", "extract_sft_again"]
+    assert named["trials"][3]["config"]["generation"] == copied["trials"][3]["config"]["generation"]
+    assert named["trials"][3]["config"]["generation"]["top_k"] == 5  # merged, not replaced
+    assert named["trials"][4]["config"]["num_inputs"] == 16
+    # sweep.yaml (what a rerun compares to resume) is the same too
+    assert resolved_spec_yaml(parse_spec(WITH_CONFIG_FROM)) == resolved_spec_yaml(parse_spec(COPIED))
+
+
+def test_a_file_without_config_from_keeps_its_sweep_yaml():
+    """config_from is left out of sweep.yaml, so results written before it existed still resume."""
+    from orchestrator.spec import resolved_spec_yaml
+
+    assert "config_from" not in resolved_spec_yaml(parse_spec(GOOD))
+
+
+def test_config_merge_is_deep_and_a_union_member_of_another_type_replaces_the_base():
+    from orchestrator.spec import merge_configs
+
+    base = {"lr": 1, "generation": {"temperature": 0.7, "top_k": 5}, "model": {"type": "mlp", "hidden_sizes": [3]}}
+    assert merge_configs(base, {"generation": {"temperature": 1.0}, "model": {"hidden_sizes": [4, 2]}}) == {
+        "lr": 1, "generation": {"temperature": 1.0, "top_k": 5}, "model": {"type": "mlp", "hidden_sizes": [4, 2]}}
+    assert merge_configs(base, {"model": {"type": "resnet18"}})["model"] == {"type": "resnet18"}
+    assert base["generation"] == {"temperature": 0.7, "top_k": 5}  # the base stage's block is left as it was
+
+
+def test_shipped_controlled_digits_finetune_inherits_pretrain_settings():
+    spec, _ = load_spec(os.path.join(SEARCH_SPACES, "controlled_digits.yaml"))
+    pretrain, finetune = spec.stages
+    assert finetune.config_from == "pretrain"
+    for key in ("samples_rnd_seed", "num_labels_per_sample", "model", "learning_rate", "num_epochs"):
+        assert finetune.config[key] == pretrain.config[key], key
+    assert finetune.config["use_label_sets"] is False and finetune.config["frac_samples_to_modify_labels"] == 0.1

@@ -12,13 +12,12 @@ import pytest
 from orchestrator.aggregate import AggregationError, aggregate_sweep, per_input_table
 from orchestrator.query import list_sweeps, run_query
 from orchestrator.report import build_report, fit_envelope
-from orchestrator.tables_io import read_table
+from workloads.core.storage import ResultsRoot
 from workloads.core.tables import SCHEMAS, to_table
-from workloads.core.storage import ShardWriter
 
 
 def _write_trial(results, sweep, trial, rewards_by_input, grad_norms=None, stage="extract", parent=None):
-    writer = ShardWriter(str(results), sweep, stage, trial, "hash-" + trial)
+    writer = ResultsRoot(str(results)).trial_storage(sweep, stage, trial, "hash-" + trial)
     samples, inputs = [], []
     for input_id, rewards in rewards_by_input.items():
         for k, r in enumerate(rewards):
@@ -56,23 +55,23 @@ def test_per_input_stats_match_numpy(tmp_path):
         assert row["grad_norm"] == float(row["input_id"])
         assert row["reward_std_zero"] is (row["input_id"] == 3)  # recomputed: all K rewards equal
         assert row["sweep"] == "s" and row["trial"] == "extract-a"
-    assert pq.read_schema(summary.path).metadata[b"rlgrad.schema_version"] == b"2"
+    assert pq.read_schema(summary.path).metadata[b"rlgrad.schema_version"] == b"3"
 
 
 def test_aggregation_detects_duplicated_and_lost_rows(tmp_path):
     writer = _write_trial(tmp_path, "s", "extract-a", {0: [0.0, 1.0], 1: [1.0, 1.0, 0.0]})
-    samples = read_table(str(tmp_path), "s", "samples")
+    samples = ResultsRoot(str(tmp_path)).read_table("s", "samples")
     with pytest.raises(AggregationError, match="lost or duplicated"):
-        per_input_table(pa.concat_tables([samples, samples.slice(0, 1)]), read_table(str(tmp_path), "s", "inputs"))
+        per_input_table(pa.concat_tables([samples, samples.slice(0, 1)]), ResultsRoot(str(tmp_path)).read_table("s", "inputs"))
     with pytest.raises(AggregationError, match="lost or duplicated"):
-        per_input_table(samples.slice(1), read_table(str(tmp_path), "s", "inputs"))
+        per_input_table(samples.slice(1), ResultsRoot(str(tmp_path)).read_table("s", "inputs"))
     # a lost sample and a duplicated one in the same input: the count is right, the indices are not
     swapped = pa.concat_tables([samples.slice(1, 1), samples.slice(1)])
     with pytest.raises(AggregationError, match="lost or duplicated"):
-        per_input_table(swapped, read_table(str(tmp_path), "s", "inputs"))
+        per_input_table(swapped, ResultsRoot(str(tmp_path)).read_table("s", "inputs"))
     # rewriting a shard under the same name replaces it: no duplicate rows, no temp files left
     writer.write("samples", "inputs-000000-000099", samples.select(["step", "input_id", "sample_idx", "reward"]).to_pylist())
-    again = read_table(str(tmp_path), "s", "samples")
+    again = ResultsRoot(str(tmp_path)).read_table("s", "samples")
     assert again.num_rows == samples.num_rows
     shard_dir = tmp_path / "s" / "samples" / "extract" / "extract-a"
     assert os.listdir(shard_dir) == ["inputs-000000-000099.parquet"]
@@ -86,7 +85,7 @@ def test_reading_refuses_another_schema_version(tmp_path):
                      {"sweep": "s", "stage": "x", "trial": "y", "config_hash": "h"})
     pq.write_table(table.replace_schema_metadata({"rlgrad.schema_version": "0"}), path)
     with pytest.raises(ValueError, match="schema version 0"):
-        read_table(str(tmp_path), "s", "metrics")
+        ResultsRoot(str(tmp_path)).read_table("s", "metrics")
 
 
 def test_table_builder_names_bad_columns():
@@ -130,7 +129,7 @@ def test_report_holds_every_plot_and_its_data(tmp_path):
     _write_trial(tmp_path, "s", "extract-a", rewards, grad_norms={i: float(np.std(r)) for i, r in rewards.items()},
                  parent="sft-x")
     _write_trial(tmp_path, "s", "sft-x", {}, stage="sft")
-    ShardWriter(str(tmp_path), "s", "sft", "sft-x", "h").write(
+    ResultsRoot(str(tmp_path)).trial_storage("s", "sft", "sft-x", "h").write(
         "metrics", "steps-1", [{"step": s, "metric": "loss", "value": 1.0 / s, "split": "train"} for s in (1, 2, 3)])
     aggregate_sweep(str(tmp_path), "s")
     page = decoded(open(build_report(str(tmp_path), "s"), encoding="utf-8").read())
@@ -149,8 +148,8 @@ def test_unsorted_rows_give_the_same_table_as_sorted_ones(tmp_path):
     rewards = {i: rng.random(rng.integers(2, 7)) for i in range(30)}
     _write_trial(tmp_path, "s", "extract-b", rewards, grad_norms={i: float(i) for i in rewards})
     _write_trial(tmp_path, "s", "extract-a", rewards, grad_norms={i: 2.0 * i for i in rewards})
-    samples = read_table(str(tmp_path), "s", "samples")
-    inputs = read_table(str(tmp_path), "s", "inputs")
+    samples = ResultsRoot(str(tmp_path)).read_table("s", "samples")
+    inputs = ResultsRoot(str(tmp_path)).read_table("s", "inputs")
     sorted_result = per_input_table(samples, inputs)  # segmented scan: shards arrive in input order
     shuffled = samples.take(pa.array(rng.permutation(samples.num_rows)))
     hashed_result = per_input_table(shuffled, inputs)  # the hash group-by fallback

@@ -24,6 +24,7 @@ from .core.config import StrictConfig
 from .noop import NoopConfig
 from .text.extract_config import ExtractConfig
 from .text.grpo_config import GRPOConfig
+from .text.nlpo_config import NLPOConfig
 from .text.ppo_config import PPOConfig
 from .text.sft_config import SFTConfig
 
@@ -37,6 +38,7 @@ WORKLOADS: dict[str, Workload] = {
     "extract": Workload(ExtractConfig, "workloads.text.extract:run_extract"),
     "sft": Workload(SFTConfig, "workloads.text.sft:run_sft"),
     "ppo": Workload(PPOConfig, "workloads.text.ppo:run_ppo"),
+    "nlpo": Workload(NLPOConfig, "workloads.text.ppo:run_ppo"),  # PPO's loop with NLPO's action mask
     "grpo": Workload(GRPOConfig, "workloads.text.grpo:run_grpo"),
     "controlled": Workload(ControlledConfig, "workloads.controlled.finetune:run_controlled"),
     "noop": Workload(NoopConfig, "workloads.noop:run_noop"),

@@ -17,9 +17,11 @@ from .core.context import WorkloadContext
 
 
 class NoopConfig(StrictConfig):
-    """A workload that does no science: for checking a cluster, the orchestrator's
-    overhead and its load behaviour. Reports `objective = -(x - 1)^2`, so a
-    search over `x` has a known optimum."""
+    """No science: sleeps and reports -(x - 1)^2, to check a cluster or the orchestrator.
+
+    For checking a cluster, the orchestrator's overhead and its load
+    behaviour. Reports `objective = -(x - 1)^2`, so a search over `x` has a
+    known optimum."""
 
     checkpoint_field: ClassVar[str] = "init_checkpoint"
     produces_checkpoint: ClassVar[bool] = False

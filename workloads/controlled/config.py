@@ -54,9 +54,11 @@ ControlledModel = Annotated[
 
 
 class ControlledConfig(StrictConfig):
-    """Controlled finetuning experiment: pretrain a classifier so that each input
-    spreads its probability over a set of m labels, then finetune on single
-    labels, 10% of which lie outside the input's set (tiny reward std).
+    """Controlled experiment (section 4.2): label-set pretraining, then SFT vs RFT.
+
+    Pretrain a classifier so that each input spreads its probability over a
+    set of m labels, then finetune on single labels, 10% of which lie outside
+    the input's set (tiny reward std).
 
     Defaults are the reference plans' (MNIST/MLP finetune with Adam), except
     `dataset`, which defaults to scikit-learn's offline digits."""

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .storage import ShardWriter
+from .storage import ResultsRoot, TrialStorage
 
 # report_fn(metrics, checkpoint_dir or None); the checkpoint dir is a local
 # directory the workload filled (save_pretrained, torch state) and may delete
@@ -22,7 +22,7 @@ ReportFn = Callable[[dict, "str | None"], None]
 
 @dataclass
 class WorkloadContext:
-    writer: ShardWriter
+    writer: TrialStorage  # this trial's shards (and small files) in the results root
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
@@ -33,12 +33,19 @@ class WorkloadContext:
     # CPUs this worker holds: torch's intra-op threads are set to match (more
     # threads than cores slows small models down many times)
     num_cpus: float | None = None
+    # what the tables record as the model when the orchestrator replaced the config's
+    # `model` with a local copy of an earlier stage's checkpoint: "@stage/trial <checkpoint URI>"
+    model_source: str | None = None
     _metric_rows: list[dict] = field(default_factory=list, repr=False)
     _metrics_flushed_at: int = field(default=-1, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def model_name(self, configured: str) -> str:
+        """The model as a user can find it again: the configured name, or the checkpoint it came from."""
+        return self.model_source or configured
 
     def my_items(self, items: list) -> list:
         """This worker's share of `items`: every world_size-th, starting at rank."""
@@ -81,15 +88,16 @@ def local_context(results: str, sweep: str = "local", stage: str = "stage", tria
                   config_hash: str = "local", device: str = "cpu", show_progress: bool = True) -> WorkloadContext:
     """A single-process context without Ray: checkpoints are copied to
     <results>/<sweep>/checkpoints/<stage>/<trial>/ and the last metrics kept."""
-    writer = ShardWriter(results, sweep, stage, trial, config_hash)
-    ctx = WorkloadContext(writer=writer, device=device, show_progress=show_progress)
+    root = ResultsRoot(results)
+    ctx = WorkloadContext(writer=root.trial_storage(sweep, stage, trial, config_hash), device=device,
+                          show_progress=show_progress)
     ctx.reported = []  # type: ignore[attr-defined]
     ctx.checkpoint_path = None  # type: ignore[attr-defined]
 
     def report_fn(metrics: dict, checkpoint_dir: str | None) -> None:
         ctx.reported.append(dict(metrics))  # type: ignore[attr-defined]
         if checkpoint_dir is not None:
-            dest = os.path.join(os.path.abspath(results), sweep, "checkpoints", stage, trial)
+            dest = root.uri(sweep, "checkpoints", stage, trial)  # a local path: results is local here
             if os.path.exists(dest):
                 shutil.rmtree(dest)
             shutil.copytree(checkpoint_dir, dest)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: inputs.reward_std_zero
+SCHEMA_VERSION = "3"  # 2: samples gained prompt_token_ids and output_token_ids; 3: inputs.reward_std_zero
 
 IDENTITY_FIELDS = [
     pa.field("sweep", pa.string(), nullable=False),
@@ -45,6 +45,12 @@ SAMPLES = pa.schema(
         pa.field("reward_components", pa.map_(pa.string(), pa.float64())),
         pa.field("log_prob", pa.float64()),  # log pi(y|x), summed over output tokens
         pa.field("num_tokens", pa.int32()),  # generated tokens, EOS included
+        # the exact token ids (the texts drop special tokens): any statistic of a
+        # sample -- log-probs, gradient norms -- can be recomputed from the table alone
+        pa.field("prompt_token_ids", pa.list_(pa.int32())),
+        pa.field("output_token_ids", pa.list_(pa.int32())),  # the sampled tokens, EOS included
+        # the model as configured (hub id, directory, builtin:*), or for a stage that
+        # starts from an earlier one: "@stage/trial <checkpoint URI>"
         pa.field("model", pa.string()),
         pa.field("dataset", pa.string()),
     ]
@@ -69,7 +75,7 @@ INPUTS = pa.schema(
         # || (1/K) sum_k (r_k - b_k) grad log pi(y_k|x) ||_2 with leave-one-out
         # baseline b_k; null when the stage did not compute gradients
         pa.field("grad_norm", pa.float64()),
-        pa.field("model", pa.string()),
+        pa.field("model", pa.string()),  # as in `samples`
         pa.field("dataset", pa.string()),
     ]
 )

@@ -48,7 +48,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     my_shards = ctx.my_items(shards)
 
     progress = tqdm(total=sum(last - first + 1 for first, last in my_shards), unit="input",
-                    desc=f"extract {config.model}", disable=not (ctx.is_main and ctx.show_progress))
+                    desc=f"extract {ctx.model_name(config.model)}", disable=not (ctx.is_main and ctx.show_progress))
     input_rows: list[dict] = []  # this worker's `inputs` rows, for the summary
     totals = {"samples": 0, "tokens": 0, "shards_skipped": 0}
     seconds = {"generate": 0.0, "score": 0.0, "grad_norm": 0.0}
@@ -62,7 +62,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
         # the same shard always draws the same samples, whichever worker runs it
         torch.manual_seed(config.seed * 1_000_003 + first)
         samples, inputs = extract_shard(config, model, grad_model, tokenizer, reward_fn, chosen[first : last + 1],
-                                        seconds, progress)
+                                        ctx.model_name(config.model), seconds, progress)
         # samples first: a shard counts as done only once its `inputs` file exists
         ctx.writer.write("samples", name, samples)
         ctx.writer.write("inputs", name, inputs)
@@ -78,7 +78,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
 
 
 def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn, input_indices: list[int],
-                  seconds: dict, progress) -> tuple[list[dict], list[dict]]:
+                  model_name: str, seconds: dict, progress) -> tuple[list[dict], list[dict]]:
     """(`samples` rows, `inputs` rows) of one shard of inputs, in the shard's order."""
     gen, K = config.generation, config.num_samples_per_input
     examples = get_examples(config.task, config.split, input_indices, config.dataset_path)
@@ -120,7 +120,7 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
             grad_norms[j] = norm
     seconds["grad_norm"] += time.perf_counter() - tic
     return table_rows(0, examples, prompts, scored, [lp for j in in_order for lp in log_probs_of[j]], grad_norms,
-                      config.model, f"{config.task}/{config.split}")
+                      model_name, f"{config.task}/{config.split}")
 
 
 def extraction_summary(input_rows: list[dict], totals: dict, seconds: dict, thresholds) -> dict:

@@ -11,9 +11,11 @@ from .config import GenerationConfig, TextTaskConfig
 
 
 class ExtractConfig(TextTaskConfig):
-    """Sample extraction (paper section 4): K samples per input, their rewards,
-    per-input reward mean/std and the per-input policy-gradient norm
-    (apple/ml-rlgrad rl4lms_extract_samples_from_model_runner.py)."""
+    """Sample extraction: K samples per input, rewards, reward std and gradient norms.
+
+    Paper section 4: K samples per input, their rewards, per-input reward
+    mean/std and the per-input policy-gradient norm (apple/ml-rlgrad
+    rl4lms_extract_samples_from_model_runner.py)."""
 
     produces_checkpoint: ClassVar[bool] = False
 

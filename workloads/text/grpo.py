@@ -339,7 +339,7 @@ def record(run: GRPORun, step: int, groups: list[Group], shard: str) -> list[dic
     with torch.no_grad():
         log_probs, _ = token_log_probs(run.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs)
     sample_rows, input_rows = table_rows(step, [g.example for g in groups], prompts, scored,
-                                         log_probs.sum(dim=1).tolist(), grad_norms, config.model,
+                                         log_probs.sum(dim=1).tolist(), grad_norms, run.ctx.model_name(config.model),
                                          f"{config.task}/train")
     run.ctx.writer.write("samples", shard, sample_rows)  # samples first: `inputs` marks the shard done
     run.ctx.writer.write("inputs", shard, input_rows)
@@ -632,7 +632,7 @@ def run_grpo(config: GRPOConfig, ctx: WorkloadContext) -> dict:
     if start_step == 0:
         rows = evaluate_pool(run, 0)
         reward_by_initial_std(run, 0, rows)
-    progress = tqdm(range(start_step + 1, config.num_steps + 1), desc=f"grpo {config.model}", unit="step",
+    progress = tqdm(range(start_step + 1, config.num_steps + 1), desc=f"grpo {ctx.model_name(config.model)}", unit="step",
                     disable=not (ctx.is_main and ctx.show_progress))
     metrics: dict = {}
     for step in progress:

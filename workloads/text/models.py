@@ -24,6 +24,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessorList
 
 from ..core.availability import ModelNotAvailableError
 from .packaged_models import PACKAGED_MODELS, ensure_converted
@@ -185,10 +186,12 @@ def trim_at_eos(ids: list[int], eos_token_id: int) -> list[int]:
 @torch.no_grad()
 def generate_outputs(model, tokenizer, prompt_ids: list[list[int]], *, num_return_sequences: int = 1,
                      do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     min_new_tokens: int = 0, max_new_tokens: int = 48) -> list[list[int]]:
+                     min_new_tokens: int = 0, max_new_tokens: int = 48,
+                     logits_processor_factory=None) -> list[list[int]]:
     """One generate() call for all prompts; K = num_return_sequences outputs per
     prompt, returned prompt-major (rows i*K .. i*K+K-1 belong to prompt i),
-    each cut after its EOS."""
+    each cut after its EOS. `logits_processor_factory(input_ids, attention_mask)`,
+    if given, builds a logits processor for the padded prompts (NLPO's action mask)."""
     device = next(model.parameters()).device
     encoder_decoder = is_encoder_decoder(model)
     input_ids, attention_mask = pad_rows(prompt_ids, left=not encoder_decoder, device=device)
@@ -200,7 +203,11 @@ def generate_outputs(model, tokenizer, prompt_ids: list[list[int]], *, num_retur
         decoder_start_token_id=getattr(unwrap(model).config, "decoder_start_token_id", None),
         **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}),
     )
-    sequences = unwrap(model).generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings)
+    extra = {}
+    if logits_processor_factory is not None:
+        extra["logits_processor"] = LogitsProcessorList([logits_processor_factory(input_ids, attention_mask)])
+    sequences = unwrap(model).generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
+                                       **extra)
     # causal: the prompt is echoed first; seq2seq: the decoder start token is
     new_tokens = sequences[:, 1:] if encoder_decoder else sequences[:, input_ids.shape[1]:]
     return [trim_at_eos(row, eos_token_id) for row in new_tokens.tolist()]

@@ -1,42 +1,51 @@
 """PPO reinforcement finetuning of a language model (paper sections 4-5), with a
-live monitor of the vanishing-gradient signature.
+live monitor of the vanishing-gradient signature. Semantics are RL4LMs' PPO as
+apple/ml-rlgrad runs it (rl4lms/algorithms/ppo/ppo.py on stable-baselines3,
+rl4lms/envs/text_generation/alg_wrappers.py, policy/causal_policy.py,
+policy/seq2seq_policy.py, kl_controllers.py); docs/fidelity.md lists each one.
 
-One PPO iteration ("rollout", the `step` of every table) on prompts x_1..x_P
-drawn from the train inputs, K completions each:
+One PPO iteration ("rollout", the `step` of every table):
 
-  1. rollout     y ~ π_old(·|x), K per prompt; task reward R(x, y) per completion
+  1. rollout     batches of inputs_per_rollout inputs, K completions y ~ π_old(·|x) each,
+                 until the rollout holds rollout_tokens token transitions (RL4LMs' buffer
+                 of n_steps x n_envs); task reward R(x, y) per completion
   2. KL penalty  per output token t:  kl_t = log π_old(y_t|s_t) - log π_ref(y_t|s_t)
                  r_t = -β kl_t,  plus R(x, y) at the last token      (β = kl_coef;
-                 π_ref = the frozen initial policy; Ziegler et al. 2019, RL4LMs)
-  3. GAE         δ_t = r_t + γ V(s_{t+1}) - V(s_t)    (V = 0 after the last token)
+                 π_old at the sampling temperature T, π_ref = the frozen initial model at T = 1,
+                 as alg_wrappers.py computes raw_log_probs - ref_log_probs)
+  3. GAE         δ_t = r_t + γ V(s_{t+1}) - V(s_t)    (V = 0 after the last token; a
+                 completion cut at the rollout's end bootstraps from V at the cut)
                  A_t = δ_t + γλ A_{t+1},   return G_t = A_t + V(s_t)
-  4. updates     ppo_epochs passes over the rollout in minibatches, minimising
+  4. updates     ppo_epochs passes over the rollout's transitions in shuffled minibatches
+                 of minibatch_size TOKENS (~100 optimiser steps for 1,280 / 64 x 5), minimising
                    L = L_clip + vf_coef L_value - ent_coef H
-                 L_clip  = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)),  ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
-                 L_value = ½ mean_t max((V_θ - G_t)^2, (V_old + clip(V_θ - V_old, -ε_v, ε_v) - G_t)^2)
-                 H       = mean_t entropy of π_θ(·|s_t)
-                 (means over the minibatch's output tokens: token-level PPO as in RL4LMs/TRL)
-  5. controller  β <- β (1 + clip(KL / KL_target - 1, -0.2, 0.2) · n / horizon)
-                 KL = mean over completions of Σ_t kl_t,  n = completions in the rollout
-  6. monitor     per prompt: reward mean and std over its K completions (1/K) and the
+                 L_clip  = -mean min(Â_t ρ_t, Â_t clip(ρ_t, 1-ε, 1+ε)),  ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
+                 Â_t     = (A_t - mean) / (std + 1e-8) over the minibatch   (SB3 normalize_advantage)
+                 L_value = mean (G_t - V_θ(s_t))^2                            (SB3: F.mse_loss, unclipped)
+                 H       = mean entropy of π_θ(·|s_t)
+                 π_θ(·|s) = softmax(logits / T)   (forward_policy divides by the temperature)
+  5. controller  β <- β (1 + 0.1 clip((KL - KL_target) / KL_target, -0.2, 0.2)),
+                 KL = mean over the rollout's tokens of kl_t   (kl_controllers.py)
+  6. monitor     per input: reward mean and std over its K completions (1/K) and the
                  norm of its policy gradient  ĝ(x) = (1/K) Σ_k (r_k - b_k) ∇ log π(y_k|x)
-                 (leave-one-out baseline, workloads.gradnorm), bucketed by reward std.
+                 (leave-one-out baseline, workloads.text.gradnorm), bucketed by reward std.
 
-The value V(s_t) is a linear head on the last hidden state at the position that
-predicts y_t (the decoder's, for seq2seq), trained jointly with the policy in the
-same optimiser steps; its loss does not flow back into the language model.
-Dropout stays off throughout: π_old and π_θ must be the same function before the
-first update, or ρ_t ≠ 1 from noise alone.
+The critic is a separate copy of the initial language model with a bias-free
+linear value head on its last hidden state at the position that predicts y_t
+(the decoder's, for seq2seq), trained in the same optimiser steps. Dropout stays
+off throughout, as in the reference, whose update leaves the policy in eval mode
+(ppo.py: `set_training_mode(True)` is commented out; alg_wrappers.py sets False).
 
-Before training and at the end (and every `eval_every_rollouts` rollouts) a FIXED monitor
-set -- the first `num_eval_inputs` inputs of the train pool -- gets K samples
-each, written as `samples` and `inputs` rows at that step: per-input reward
-improvement against initial reward std is the paper's evidence.
+Before training and at the end (and every `eval_every_rollouts` rollouts) a FIXED
+monitor set -- the first `num_eval_inputs` inputs of the train pool -- gets K
+samples each, written as `samples` and `inputs` rows at that step: per-input
+reward improvement against initial reward std is the paper's evidence.
 
-Under torch.distributed with world_size > 1 the policy and value head are one
-DistributedDataParallel module, every rank takes its slice of each rollout's
-prompts (and a contiguous chunk of the monitor set) and metrics are summed over
-ranks with all_reduce. Every rank reports once per rollout plus once at the end.
+Under torch.distributed with world_size > 1 the actor-critic is one
+DistributedDataParallel module, every rank takes its slice of each batch's
+inputs and its share of rollout_tokens (and a contiguous chunk of the monitor
+set), and metrics are summed over ranks with all_reduce. Every rank reports
+once per rollout plus once at the end.
 """
 
 from __future__ import annotations
@@ -57,9 +66,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..core.context import WorkloadContext
-from .ppo_config import PPOConfig
 from .gradnorm import per_input_grad_norms, reward_stats
 from .models import load_model_and_tokenizer, output_logits, sequence_log_probs, token_log_probs
+from .nlpo import ActionMasker
+from .nlpo_config import NLPOConfig
+from .ppo_config import PPOConfig
 from .rewards import get_reward
 from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
@@ -67,6 +78,9 @@ from .tasks import choose_inputs, get_examples, resolve_reward
 VALUE_HEAD_FILE = "value_head.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "rlgrad_ppo_state.json"  # step done, kl_coef, initial monitor reward stds
+VALUE_MODEL_DIR = "value_model"  # the critic's language model, beside the policy's weights
+MASK_MODEL_DIR = "mask_model"  # NLPO's mask policy
+NO_WEIGHT_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # RL4LMs base_policy._setup_optimizer
 
 
 # ============================================================================
@@ -91,13 +105,19 @@ def kl_penalised_rewards(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, m
 
 
 def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                           gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           gamma: float, gae_lambda: float,
+                           kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE (Schulman et al. 2016) over each completion's output tokens, backwards in t:
 
         δ_t = r_t + γ V_{t+1} - V_t,   A_t = δ_t + γλ A_{t+1},   G_t = A_t + V_t
 
     with V_{t+1} = A_{t+1} = 0 after the last token (the episode ends at EOS or
-    at max_new_tokens). Returns (advantages, returns), zero on padding."""
+    at max_new_tokens). `kept` (default: `mask`) marks the tokens the rollout
+    keeps: a completion cut short at its last kept token t bootstraps from
+    V_{t+1} with A_{t+1} = 0, as stable-baselines3's buffer does for an episode
+    still running when the buffer fills. Returns (advantages, returns), zero
+    outside `kept`."""
+    kept = mask if kept is None else kept
     num_tokens = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
@@ -105,27 +125,27 @@ def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: to
     for t in reversed(range(num_tokens)):
         if t + 1 < num_tokens:  # padding after the end counts as terminal
             next_value = values[:, t + 1] * mask[:, t + 1]
-            next_advantage = advantages[:, t + 1] * mask[:, t + 1]
+            next_advantage = advantages[:, t + 1] * kept[:, t + 1]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantages[:, t] = (delta + gamma * gae_lambda * next_advantage) * mask[:, t]
-    returns = (advantages + values) * mask
+        advantages[:, t] = (delta + gamma * gae_lambda * next_advantage) * kept[:, t]
+    returns = (advantages + values) * kept
     return advantages, returns
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, sum_over_ranks) -> torch.Tensor:
-    """(x - mean) / std over the real tokens of the whole rollout (all ranks)."""
-    total, total_squares, count = sum_over_ranks(
-        torch.stack([(values * mask).sum(), (values.square() * mask).sum(), mask.sum()]).double())
-    mean = total / count
-    variance = (total_squares / count - mean.square()).clamp(min=0)
-    return ((values - mean) / (variance.sqrt() + 1e-8)).to(values.dtype) * mask
+def normalized(advantages: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / (std + 1e-8) over a minibatch's transitions, std with the 1/(n-1)
+    normalisation torch uses (SB3 PPO.train); a single transition is left as it is."""
+    if advantages.numel() < 2:
+        return advantages
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
 
 def clipped_policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017), to minimise:
 
-        mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)),   ρ_t = exp(log π_θ - log π_old)
+        mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)) = -mean_t min(A_t ρ_t, A_t clip(ρ_t, ...)),
+        ρ_t = exp(log π_θ - log π_old)
 
     The max of the negatives is the pessimistic bound: a ratio pushed past 1±ε
     in the direction the advantage favours earns nothing more (and no gradient).
@@ -142,26 +162,24 @@ def clipped_policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ad
     return loss, stats
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, clip_range: float | None) -> torch.Tensor:
-    """½ mean_t max((V_θ - G)^2, (V_old + clip(V_θ - V_old, -ε_v, ε_v) - G)^2); unclipped
-    ½ mean_t (V_θ - G)^2 when clip_range is None. The ½ makes the gradient V_θ - G."""
-    squared_error = (values - returns).square()
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip_range: float | None) -> torch.Tensor:
+    """mean_t (G_t - V_θ(s_t))^2, SB3 PPO's F.mse_loss(returns, values_pred) (no ½);
+    with clip_range, V_pred = V_old + clip(V_θ - V_old, -ε_v, ε_v) as SB3 clips it."""
     if clip_range is not None:
-        clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
-        squared_error = torch.maximum(squared_error, (clipped_values - returns).square())
-    return 0.5 * masked_mean(squared_error, mask)
+        values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return masked_mean((returns - values).square(), mask)
 
 
-def update_kl_coef(kl_coef: float, kl: float, target_kl: float | None, num_completions: int, horizon: int) -> float:
-    """The adaptive KL controller of Ziegler et al. 2019 (RL4LMs, TRL): a proportional
-    controller whose error is clipped to ±20% and scaled by completions / horizon.
+def update_kl_coef(kl_coef: float, kl: float, target_kl: float | None) -> float:
+    """RL4LMs' adaptive KL controller (rl4lms/envs/text_generation/kl_controllers.py),
+    fed the rollout's per-token mean KL after each rollout:
 
-        β <- β · (1 + clip(KL / KL_target - 1, -0.2, 0.2) · n / horizon)"""
+        β <- β · (1 + 0.1 · clip((KL - KL_target) / KL_target, -0.2, 0.2))"""
     if target_kl is None:
         return kl_coef
-    error = min(max(kl / target_kl - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + error * num_completions / horizon)
+    error = min(max((kl - target_kl) / target_kl, -0.2), 0.2)
+    return kl_coef * (1.0 + 0.1 * error)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, sum_over_ranks) -> float:
@@ -177,31 +195,39 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 # ============================================================================
-# The actor-critic: the language model and a value head in one module, so that
-# DistributedDataParallel averages the gradients of both.
+# The actor-critic: the policy LM, a separate value LM with a bias-free linear
+# head (RL4LMs causal_policy.py / seq2seq_policy.py _build_model_heads), in one
+# module so that DistributedDataParallel averages the gradients of all three.
 # ============================================================================
 
 
-class PolicyWithValueHead(nn.Module):
-    def __init__(self, lm):
+class ActorCritic(nn.Module):
+    def __init__(self, policy_lm, value_lm, temperature: float):
         super().__init__()
-        self.lm = lm
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
-        # zero init: V = 0 at first, so the first advantages are plain discounted rewards
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.lm = policy_lm
+        self.value_lm = value_lm
+        self.value_head = nn.Linear(value_lm.config.hidden_size, 1, bias=False)  # default init, as the reference's
+        self.temperature = temperature
 
-    def forward(self, prompt_ids: list[list[int]], output_ids: list[list[int]]):
-        """For every output token t: log π(y_t|s_t), entropy of π(·|s_t) and V(s_t), aligned
-        as workloads.text.models.output_logits aligns them. Returns (log_probs, entropy, values, mask), [B, T]."""
-        logits, outputs, output_mask, hidden = output_logits(self.lm, prompt_ids, output_ids, with_hidden=True)
+    def forward(self, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                action_masks: torch.Tensor | None = None):
+        """For every output token t: log π(y_t|s_t) and the entropy of π(·|s_t) with
+        π = softmax(logits / T) (the reference's forward_policy) -- restricted to
+        `action_masks` [B, T, V] where given (NLPO) -- and V(s_t) from the value LM's
+        last hidden state at the same position. Alignment:
+        workloads.text.models.output_logits. Returns (log_probs, entropy, values, mask), [B, T]."""
+        logits, outputs, output_mask, _ = output_logits(self.lm, prompt_ids, output_ids)
         mask = output_mask.to(torch.float32)
-        all_log_probs = torch.log_softmax(logits.float(), dim=-1)
+        scaled = logits.float() / self.temperature
+        if action_masks is not None:
+            scaled = scaled.masked_fill(~action_masks, -float("inf"))
+        all_log_probs = torch.log_softmax(scaled, dim=-1)
         log_probs = all_log_probs.gather(-1, outputs.unsqueeze(-1)).squeeze(-1) * mask
-        entropy = -(all_log_probs.exp() * all_log_probs).sum(dim=-1) * mask
-        # the critic reads the policy's features but its loss does not move them, so the
-        # policy's update is PPO's alone (RL4LMs gives the critic a separate network)
-        values = self.value_head(hidden.float().detach()).squeeze(-1) * mask
+        # 0 log 0 = 0 outside the mask (filled before the product: -inf * 0 would poison the gradient)
+        finite = all_log_probs if action_masks is None else all_log_probs.masked_fill(~action_masks, 0.0)
+        entropy = -(all_log_probs.exp() * finite).sum(dim=-1) * mask
+        _, _, _, hidden = output_logits(self.value_lm, prompt_ids, output_ids, with_hidden=True)
+        values = self.value_head(hidden.float()).squeeze(-1) * mask
         return log_probs, entropy, values, mask
 
 
@@ -235,12 +261,13 @@ class PPORun:
     device: torch.device
     distributed: bool
     tokenizer: object
-    actor_critic: PolicyWithValueHead
+    actor_critic: ActorCritic
     train_model: nn.Module  # actor_critic, wrapped in DistributedDataParallel under torch.distributed
     reference: nn.Module  # π_ref: the frozen initial policy
     optimizer: torch.optim.Optimizer
     reward_fn: object
     pool: list[int]  # the train inputs rollouts draw from; the monitor set is its head
+    masker: ActionMasker | None = None  # NLPO's mask policy; None for PPO
     step: int = 0  # rollouts done
     kl_coef: float = 0.0  # β, moved by the KL controller
     initial_monitor_std: dict[int, float] = field(default_factory=dict)  # monitor input -> reward std at step 0
@@ -253,10 +280,10 @@ class PPORun:
     def monitor_ids(self) -> list[int]:
         return self.pool[: self.config.num_eval_inputs]
 
-    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+    def sum_over_ranks(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
         if self.distributed:
             tensor = tensor.to(self.device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor.cpu()
 
     def prompts(self, input_ids: list[int]) -> tuple[list, Prompts]:
@@ -266,7 +293,7 @@ class PPORun:
 
     def sample(self, prompts: Prompts) -> ScoredSamples:
         return sample_and_score(self.lm, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
-                                self.config.generation)
+                                self.config.generation, self.masker.logits_processor if self.masker else None)
 
     def grad_norms(self, prompts: Prompts, scored: ScoredSamples) -> list[float | None]:
         """Each input's leave-one-out policy-gradient norm (workloads.text.gradnorm), or None when off."""
@@ -275,8 +302,17 @@ class PPORun:
         return per_input_grad_norms(self.lm, prompts.ids, scored.outputs_by_input(), scored.reward_matrix).tolist()
 
 
+def optimizer_for(model: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW over the actor-critic, no weight decay on biases and LayerNorm (RL4LMs base_policy.py)."""
+    named = list(model.named_parameters())
+    decayed = [p for n, p in named if not any(nd in n for nd in NO_WEIGHT_DECAY)]
+    exempt = [p for n, p in named if any(nd in n for nd in NO_WEIGHT_DECAY)]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": config.weight_decay},
+                              {"params": exempt, "weight_decay": 0.0}], lr=config.learning_rate)
+
+
 def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
-    """The policy (resumed or initial), its value head, the frozen reference, the optimiser and the data."""
+    """The policy and the critic (resumed or initial), the frozen reference, the optimiser and the data."""
     if config.inputs_per_rollout % ctx.world_size:
         raise ValueError(f"inputs_per_rollout ({config.inputs_per_rollout}) must be a multiple of the "
                          f"{ctx.world_size} workers (every rank takes the same number of inputs)")
@@ -284,16 +320,20 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
     device = torch.device(ctx.device)
     resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
     lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device)
+    value_lm, _ = load_model_and_tokenizer(os.path.join(ctx.resume_from, VALUE_MODEL_DIR) if resuming
+                                           else config.model, device)
     reference, _ = load_model_and_tokenizer(config.model, device)  # π_ref = the initial policy, always
     reference.eval().requires_grad_(False)
-    actor_critic = PolicyWithValueHead(lm).to(device)
+    actor_critic = ActorCritic(lm, value_lm, config.generation.temperature).to(device)
     actor_critic.eval()  # dropout off: see the module docstring
-    optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    run = PPORun(config, ctx, device, distributed, tokenizer, actor_critic, actor_critic, reference, optimizer,
+    run = PPORun(config, ctx, device, distributed, tokenizer, actor_critic, actor_critic, reference,
+                 optimizer_for(actor_critic, config),
                  reward_fn=get_reward(*resolve_reward(config.task, config.reward, config.reward_args)),
                  pool=choose_inputs(config.task, "train", config.num_train_inputs, config.seed, config.dataset_path),
                  kl_coef=config.kl_coef)
+    if isinstance(config, NLPOConfig):
+        run.masker = ActionMasker(lm, config.top_mask, config.min_tokens_to_keep, tokenizer.all_special_ids,
+                                  config.target_update_iterations)
     if resuming:
         load_checkpoint(run, ctx.resume_from)
     if distributed:  # after loading: DDP broadcasts rank 0's parameters when it wraps them
@@ -308,9 +348,10 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
 
 @dataclass
 class Rollout:
-    prompts: Prompts  # this rank's slice of the step's inputs
+    prompts: Prompts  # this rank's inputs of the step (every sampling batch)
     scored: ScoredSamples  # K completions each, with task rewards
     completion_prompt_ids: list[list[int]]  # each completion's prompt ids (prompt-major, K per input)
+    kept_tokens: list[int]  # per completion: its first tokens that the rollout keeps (rollout_tokens)
 
 
 @dataclass
@@ -319,7 +360,9 @@ class Targets:
 
     old_log_probs: torch.Tensor
     old_values: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor  # every sampled token
+    kept: torch.Tensor  # the tokens the rollout keeps: what the update trains on
+    action_masks: torch.Tensor | None  # NLPO: the allowed tokens at every position [B, T, V]
     advantages: torch.Tensor
     returns: torch.Tensor
     token_kl: torch.Tensor  # log π_old - log π_ref per output token
@@ -328,72 +371,115 @@ class Targets:
 UPDATE_STATISTICS = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl")
 
 
+def token_quota(config: PPOConfig, rank: int, world_size: int) -> int | None:
+    """This rank's share of rollout_tokens (None: keep every token of one batch)."""
+    if config.rollout_tokens is None:
+        return None
+    return config.rollout_tokens // world_size + (1 if rank < config.rollout_tokens % world_size else 0)
+
+
 def collect_rollout(run: PPORun, step: int) -> Rollout:
-    """1. This rank's slice of the step's inputs (the same draw on every rank), K completions each."""
-    input_ids = random.Random(run.config.seed * 1_000_003 + step).sample(run.pool, run.config.inputs_per_rollout)
-    _, prompts = run.prompts(run.ctx.my_items(input_ids))
-    scored = run.sample(prompts)
-    return Rollout(prompts, scored, [p for p in prompts.ids for _ in range(run.config.num_samples_per_input)])
+    """1. Batches of inputs (the same draws on every rank, each rank its slice), K completions
+    each, until every rank holds its share of rollout_tokens (RL4LMs: `while not buffer.full`)."""
+    config, ctx = run.config, run.ctx
+    draws = random.Random(config.seed * 1_000_003 + step)
+    quota = token_quota(config, ctx.rank, ctx.world_size)
+    batches = []
+    while True:
+        _, prompts = run.prompts(ctx.my_items(draws.sample(run.pool, config.inputs_per_rollout)))
+        batches.append((prompts, run.sample(prompts)))
+        tokens = sum(len(o) for _, scored in batches for o in scored.outputs)
+        short = torch.tensor([float(quota is not None and tokens < quota)])
+        if run.sum_over_ranks(short).item() == 0:  # every rank has its share (or there is no cap)
+            break
+    prompts = Prompts([t for p, _ in batches for t in p.texts], [i for p, _ in batches for i in p.ids],
+                      [r for p, _ in batches for r in p.references])
+    scored = ScoredSamples.of(config.num_samples_per_input, [o for _, s in batches for o in s.outputs],
+                              [t for _, s in batches for t in s.texts], [r for _, s in batches for r in s.rewards])
+    kept, left = [], math.inf if quota is None else quota
+    for output in scored.outputs:  # the buffer fills in completion order
+        kept.append(int(min(len(output), left)))
+        left -= kept[-1]
+    return Rollout(prompts, scored, [p for p in prompts.ids for _ in range(config.num_samples_per_input)], kept)
 
 
 def penalised_advantages(run: PPORun, rollout: Rollout) -> Targets:
     """2. KL penalty and 3. GAE, with π_old, π_ref and V_old fixed for the whole update."""
     config = run.config
+    prompts, outputs = rollout.completion_prompt_ids, rollout.scored.outputs
     with torch.no_grad():
-        old_log_probs, _, old_values, mask = run.actor_critic(rollout.completion_prompt_ids, rollout.scored.outputs)
-        ref_log_probs, _ = token_log_probs(run.reference, rollout.completion_prompt_ids, rollout.scored.outputs)
+        action_masks = run.masker.rollout_masks(prompts, outputs) if run.masker else None
+        old_log_probs, _, old_values, mask = run.actor_critic(prompts, outputs, action_masks)
+        # the KL penalty reads the unmasked policy (alg_wrappers.py: raw_log_probs - ref_log_probs)
+        raw_log_probs = old_log_probs if action_masks is None else run.actor_critic(prompts, outputs)[0]
+        ref_log_probs, _ = token_log_probs(run.reference, prompts, outputs)
         task_rewards = rollout.scored.reward_matrix.flatten().float().to(run.device)
-        token_rewards, token_kl = kl_penalised_rewards(old_log_probs, ref_log_probs, mask, task_rewards, run.kl_coef)
-        advantages, returns = generalized_advantages(token_rewards, old_values, mask, config.gamma, config.gae_lambda)
-        if config.normalize_advantages:
-            advantages = whiten(advantages, mask, run.sum_over_ranks)
-    return Targets(old_log_probs, old_values, mask, advantages, returns, token_kl)
+        token_rewards, token_kl = kl_penalised_rewards(raw_log_probs, ref_log_probs, mask, task_rewards, run.kl_coef)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        kept = (positions < torch.tensor(rollout.kept_tokens, device=mask.device)[:, None]).float() * mask
+        advantages, returns = generalized_advantages(token_rewards, old_values, mask, config.gamma,
+                                                     config.gae_lambda, kept)
+    return Targets(old_log_probs, old_values, mask, kept, action_masks, advantages, returns, token_kl)
 
 
 def ppo_update(run: PPORun, rollout: Rollout, targets: Targets) -> dict[str, float]:
-    """4. ppo_epochs passes of clipped-surrogate updates over the rollout in minibatches;
+    """4. ppo_epochs passes over the kept token transitions in shuffled minibatches of
+    minibatch_size transitions (all ranks together; SB3 RolloutBuffer.get(batch_size));
     returns each of UPDATE_STATISTICS averaged over the minibatches of all ranks."""
     config = run.config
-    rollout_size = config.inputs_per_rollout * config.num_samples_per_input  # completions, all ranks together
-    num_minibatches = math.ceil(rollout_size / config.minibatch_size)
+    positions = targets.kept.nonzero().cpu()  # (completion, token) of every kept transition
+    total, fewest = (run.sum_over_ranks(torch.tensor([float(len(positions))])).item(),
+                     run.sum_over_ranks(torch.tensor([float(len(positions))]), op=dist.ReduceOp.MIN).item())
+    # the same number of minibatches on every rank (each backward all-reduces), none empty
+    num_minibatches = max(1, min(math.ceil(total / config.minibatch_size), int(fewest)))
     sums = dict.fromkeys(UPDATE_STATISTICS, 0.0)
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(len(rollout.scored.outputs))
-        # the same number of minibatches on every rank (each backward all-reduces)
+        order = torch.randperm(len(positions))
         for batch in order.tensor_split(num_minibatches):
-            for name, value in minibatch_step(run, rollout, targets, batch.tolist()).items():
+            for name, value in minibatch_step(run, rollout, targets, positions[batch]).items():
                 sums[name] += value
     totals = run.sum_over_ranks(torch.tensor([sums[name] for name in UPDATE_STATISTICS], dtype=torch.float64))
     count = config.ppo_epochs * num_minibatches * run.ctx.world_size
     return {name: total / count for name, total in zip(UPDATE_STATISTICS, totals.tolist())}
 
 
-def minibatch_step(run: PPORun, rollout: Rollout, targets: Targets, idx: list[int]) -> dict[str, float]:
-    """One optimiser step on L = L_clip + vf_coef L_value - ent_coef H over the completions `idx`."""
+def minibatch_step(run: PPORun, rollout: Rollout, targets: Targets, positions: torch.Tensor) -> dict[str, float]:
+    """One optimiser step on L = L_clip + vf_coef L_value - ent_coef H over the transitions
+    `positions` [(completion, token)]: their completions go through the actor-critic
+    once, and the loss reads the minibatch's tokens only (SB3 PPO.train)."""
     config = run.config
-    new_log_probs, entropy, new_values, batch_mask = run.train_model(
-        [rollout.completion_prompt_ids[i] for i in idx], [rollout.scored.outputs[i] for i in idx])
-    width = batch_mask.shape[1]  # this minibatch's longest completion
-    policy_loss, stats = clipped_policy_loss(new_log_probs, targets.old_log_probs[idx, :width],
-                                             targets.advantages[idx, :width], batch_mask, config.clip_range)
-    value_loss = clipped_value_loss(new_values, targets.old_values[idx, :width], targets.returns[idx, :width],
-                                    batch_mask, config.value_clip_range)
-    mean_entropy = masked_mean(entropy, batch_mask)
-    loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * mean_entropy
+    rows, row_of = torch.unique(positions[:, 0], return_inverse=True)
+    outputs = [rollout.scored.outputs[i] for i in rows.tolist()]
+    action_masks = None
+    if targets.action_masks is not None:
+        action_masks = targets.action_masks[rows.to(targets.action_masks.device)][:, : max(map(len, outputs))]
+    new_log_probs, entropy, new_values, _ = run.train_model(
+        [rollout.completion_prompt_ids[i] for i in rows.tolist()], outputs, action_masks)
+    here, there = (row_of, positions[:, 1]), (positions[:, 0], positions[:, 1])  # in the minibatch / the rollout
+    ones = torch.ones(len(positions), device=new_log_probs.device)
+    advantages = targets.advantages[there]
+    if config.normalize_advantages:
+        advantages = normalized(advantages)
+    policy_loss, stats = clipped_policy_loss(new_log_probs[here], targets.old_log_probs[there], advantages, ones,
+                                             config.clip_range)
+    critic_loss = value_loss(new_values[here], targets.old_values[there], targets.returns[there], ones,
+                             config.value_clip_range)
+    mean_entropy = entropy[here].mean()
+    loss = policy_loss + config.vf_coef * critic_loss - config.ent_coef * mean_entropy
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.actor_critic.parameters(), config.max_grad_norm)
     run.optimizer.step()
-    return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": mean_entropy.item(),
+    return {"policy_loss": policy_loss.item(), "value_loss": critic_loss.item(), "entropy": mean_entropy.item(),
             "clip_fraction": stats["clip_fraction"].item(), "approx_kl": stats["approx_kl"].item()}
 
 
 def rollout_kl(run: PPORun, targets: Targets) -> float:
-    """5. What the KL controller reads: KL to π_ref summed over tokens, mean over completions (all ranks)."""
-    sequence_kl = targets.token_kl.sum(dim=1)
+    """5. What the KL controller reads: the per-token mean of log π_old - log π_ref over
+    every sampled token of the rollout, all ranks (alg_wrappers.py kl_div_mean)."""
     total, count = run.sum_over_ranks(
-        torch.tensor([sequence_kl.sum().item(), float(len(sequence_kl))], dtype=torch.float64)).tolist()
+        torch.tensor([targets.token_kl.sum().item(), targets.mask.sum().item()], dtype=torch.float64)).tolist()
     return total / count
 
 
@@ -406,16 +492,16 @@ def rollout_statistics(run: PPORun, scored: ScoredSamples, grad_norms: list[floa
     buckets = std_buckets(thresholds)
     names = [name for name, _, _ in buckets]
     reward_mean, reward_std, _ = reward_stats(scored.reward_matrix)
-    sums = torch.tensor([reward_std.sum().item(), reward_mean.sum().item(),
+    sums = torch.tensor([float(len(reward_std)), reward_std.sum().item(), reward_mean.sum().item(),
                          *[(reward_std < t).sum().item() for t in thresholds]], dtype=torch.float64)
     bucket_sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # inputs, reward sum, grad-norm sum
     for i in range(len(reward_std)):
         b = names.index(bucket_of(reward_std[i].item(), buckets))
         bucket_sums[b] += torch.tensor([1.0, reward_mean[i].item(), grad_norms[i] or 0.0], dtype=torch.float64)
     sums, bucket_sums = run.sum_over_ranks(sums), run.sum_over_ranks(bucket_sums)
-    P = config.inputs_per_rollout
-    statistics = {"reward_mean": sums[1].item() / P, "reward_std_mean": sums[0].item() / P,
-                  **{f"share_reward_std_below_{t}": sums[2 + j].item() / P for j, t in enumerate(thresholds)}}
+    num_inputs = sums[0].item()
+    statistics = {"reward_mean": sums[2].item() / num_inputs, "reward_std_mean": sums[1].item() / num_inputs,
+                  **{f"share_reward_std_below_{t}": sums[3 + j].item() / num_inputs for j, t in enumerate(thresholds)}}
     by_bucket = {}
     for b, name in enumerate(names):
         count, reward_sum, grad_sum = bucket_sums[b].tolist()
@@ -439,20 +525,22 @@ def ppo_iteration(run: PPORun, step: int) -> dict:
 
     tic = time.perf_counter()
     targets = penalised_advantages(run, rollout)
+    if run.masker and step % run.masker.update_every == 0:  # after the rollout, before the update (nlpo.py learn)
+        run.masker.refresh(run.lm)
     update = ppo_update(run, rollout, targets)
     seconds["update_seconds"] = time.perf_counter() - tic
 
     kl = rollout_kl(run, targets)
     kl_coef_used = run.kl_coef
-    rollout_size = config.inputs_per_rollout * config.num_samples_per_input
-    run.kl_coef = update_kl_coef(run.kl_coef, kl, config.target_kl, rollout_size, config.kl_horizon)
+    run.kl_coef = update_kl_coef(run.kl_coef, kl, config.target_kl)
 
     statistics, by_bucket = rollout_statistics(run, rollout.scored, grad_norms)
+    num_tokens = run.sum_over_ranks(torch.tensor([targets.kept.sum().item()], dtype=torch.float64)).item()
     metrics = {"step": step, **statistics, "kl": kl, "kl_coef": kl_coef_used, "next_kl_coef": run.kl_coef,
                **update,
-               "explained_variance": explained_variance(targets.old_values, targets.returns, targets.mask,
+               "explained_variance": explained_variance(targets.old_values, targets.returns, targets.kept,
                                                         run.sum_over_ranks),
-               **seconds}
+               "rollout_tokens": num_tokens, **seconds}
     ctx.log_metrics(step, {k: v for k, v in metrics.items() if k != "step"})
     for name, bucket_metrics in by_bucket.items():
         ctx.log_metrics(step, bucket_metrics, split=name)
@@ -500,7 +588,7 @@ def monitor_set_rows(run: PPORun, step: int) -> list[dict]:
             log_probs = sequence_log_probs(run.lm, [p for p in prompts.ids for _ in range(scored.num_samples_per_input)],
                                            scored.outputs).tolist()
         samples, inputs = table_rows(step, examples, prompts, scored, log_probs, run.grad_norms(prompts, scored),
-                                     config.model, f"{config.task}/train")
+                                     ctx.model_name(config.model), f"{config.task}/train")
         sample_rows += samples
         input_rows += inputs
     ctx.writer.write("samples", shard, sample_rows)  # samples first: `inputs` marks the shard done
@@ -537,6 +625,9 @@ def save_checkpoint(run: PPORun, step: int) -> str:
     if run.ctx.is_main:
         run.lm.save_pretrained(directory)
         run.tokenizer.save_pretrained(directory)
+        run.actor_critic.value_lm.save_pretrained(os.path.join(directory, VALUE_MODEL_DIR))
+        if run.masker:
+            run.masker.model.save_pretrained(os.path.join(directory, MASK_MODEL_DIR))
         torch.save(run.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
         torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
         with open(os.path.join(directory, STATE_FILE), "w") as f:
@@ -546,11 +637,14 @@ def save_checkpoint(run: PPORun, step: int) -> str:
 
 
 def load_checkpoint(run: PPORun, directory: str) -> None:
-    """The value head, optimiser and controller state of a checkpoint (the weights are loaded with the model)."""
+    """The value head, optimiser and controller state of a checkpoint (the two LMs are loaded as models)."""
     def load(name):
         return torch.load(os.path.join(directory, name), map_location=run.device, weights_only=True)
 
     run.actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
+    if run.masker:
+        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device)
+        run.masker.refresh(mask_lm)
     run.optimizer.load_state_dict(load(OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE)) as f:
         state = json.load(f)
@@ -576,7 +670,7 @@ def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
     start_step = run.step
     if start_step == 0:
         evaluate_monitor_set(run, 0)
-    progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {config.model}", unit="rollout",
+    progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {ctx.model_name(config.model)}", unit="rollout",
                     disable=not (ctx.is_main and ctx.show_progress))
     metrics: dict = {}
     for step in progress:

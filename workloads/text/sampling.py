@@ -63,12 +63,13 @@ def prompts_of(task: str, examples, tokenizer, max_prompt_length: int, encoder_d
 
 
 def sample_outputs(model, tokenizer, prompt_ids: list[list[int]], num_samples: int,
-                   gen: GenerationConfig) -> list[list[int]]:
+                   gen: GenerationConfig, logits_processor_factory=None) -> list[list[int]]:
     """K samples for each prompt from ONE generate() call (num_return_sequences=K), prompt-major."""
     return generate_outputs(
         model, tokenizer, prompt_ids, num_return_sequences=num_samples, do_sample=True,
         temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
         min_new_tokens=gen.min_new_tokens, max_new_tokens=gen.max_new_tokens,
+        logits_processor_factory=logits_processor_factory,
     )
 
 
@@ -82,9 +83,9 @@ def score_outputs(tokenizer, reward_fn, prompts: list[str], input_references: li
 
 
 def sample_and_score(model, tokenizer, reward_fn, prompts: Prompts, num_samples: int,
-                     gen: GenerationConfig) -> ScoredSamples:
+                     gen: GenerationConfig, logits_processor_factory=None) -> ScoredSamples:
     """K samples for every prompt, decoded and scored."""
-    outputs = sample_outputs(model, tokenizer, prompts.ids, num_samples, gen)
+    outputs = sample_outputs(model, tokenizer, prompts.ids, num_samples, gen, logits_processor_factory)
     texts, rewards = score_outputs(tokenizer, reward_fn, prompts.texts, prompts.references, outputs, num_samples)
     return ScoredSamples.of(num_samples, outputs, texts, rewards)
 
@@ -102,7 +103,8 @@ def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log
                 "step": step, "input_id": ex.input_id, "sample_idx": k, "prompt": prompts.texts[i],
                 "output": scored.texts[j], "reward": scored.rewards[j].value,
                 "reward_components": scored.rewards[j].components, "log_prob": log_probs[j],
-                "num_tokens": len(scored.outputs[j]), "model": model, "dataset": dataset,
+                "num_tokens": len(scored.outputs[j]), "prompt_token_ids": prompts.ids[i],
+                "output_token_ids": scored.outputs[j], "model": model, "dataset": dataset,
             })
         input_rows.append({
             "step": step, "input_id": ex.input_id, "prompt": prompts.texts[i], "num_samples": K,

@@ -10,8 +10,9 @@ from .config import TextTaskConfig
 
 
 class SFTConfig(TextTaskConfig):
-    """Teacher-forced cross-entropy finetuning for causal and seq2seq models
-    (RL4LMs supervised trainer). The paper gives no SFT hyperparameters; these
+    """Supervised finetuning: teacher-forced cross-entropy on the task's references.
+
+    For causal and seq2seq models (RL4LMs supervised trainer). The paper gives no SFT hyperparameters; these
     defaults are the usual Hugging Face Trainer ones, small enough for the
     built-in task. The held-out evaluation is scored with `reward`."""
 
