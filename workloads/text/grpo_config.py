@@ -21,8 +21,9 @@ DAPO_EPSILON_HIGH = 0.28  # DAPO (Yu et al. 2025) clip-higher default
 
 
 class GRPOConfig(TextTaskConfig):
-    """Group-based policy gradient without a critic (GRPO, Dr. GRPO, RLOO, DAPO) with
-    per-prompt reward-std / gradient-norm tracking and the zero-std mitigations."""
+    """Critic-free group policy gradient: GRPO, Dr. GRPO, RLOO, DAPO, zero-std mitigations.
+
+    Every sampled prompt's reward std and gradient norm is recorded at every step."""
 
     produces_checkpoint: ClassVar[bool] = True  # `from_stage: sft` = SFT warm start
 
