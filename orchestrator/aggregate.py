@@ -158,7 +158,8 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
     for k in ("sweep", "stage", "trial", "config_hash"):
         columns[k] = pc.take(pa.array([row[k] for row in identity], pa.string()), ranks)
     columns.update(step=group_step, input_id=group_input, num_samples=count.astype(np.int32),
-                   reward_mean=stats["mean"], reward_std=stats["std"], reward_std_unbiased=stats["std_unbiased"])
+                   reward_mean=stats["mean"], reward_std=stats["std"], reward_std_unbiased=stats["std_unbiased"],
+                   reward_std_zero=stats["std"] == 0)
     table = pa.table({name: columns[name] for name in INPUTS.names}).cast(INPUTS)
     return table.replace_schema_metadata({"rlgrad.table": "inputs", "rlgrad.schema_version": SCHEMA_VERSION})
 

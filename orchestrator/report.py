@@ -157,6 +157,33 @@ def _improvement_figure(inputs: pd.DataFrame, labels: dict[str, str]):
             "Mean gain by initial reward std (small std: under 0.05):" + _table_html(pd.DataFrame(rows)))
 
 
+def trajectory_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
+    """Per-prompt trajectories of trials measured at 3 or more steps (GRPO records every
+    rollout): one line per prompt, reward mean against step, red where the prompt started
+    at reward std 0 (zero advantage, gradient exactly 0), blue otherwise; a prompt's line
+    joins the steps at which it was sampled."""
+    figs = []
+    for t, sub in inputs.groupby("trial", sort=False):
+        steps = sorted(sub["step"].unique())
+        if len(steps) < 3:
+            continue
+        initial = sub[sub["step"] == steps[0]].set_index("input_id")["reward_std"]
+        fig = go.Figure()
+        for zero, colour, name in ((True, "#d62728", "initial std 0"), (False, "#1f77b4", "initial std > 0")):
+            for n, (input_id, g) in enumerate(sub[sub["input_id"].map(initial).eq(0) == zero].groupby("input_id")):
+                g = g.sort_values("step")
+                fig.add_trace(go.Scatter(x=g["step"], y=g["reward_mean"], mode="lines+markers", marker={"size": 4},
+                                         line={"color": colour, "width": 1}, opacity=0.5, legendgroup=name,
+                                         name=name, showlegend=n == 0, text=g["prompt"],
+                                         hovertemplate=f"input {input_id}<br>step %{{x}}<br>reward %{{y:.3f}}"
+                                                       "<br>%{text}<extra></extra>"))
+        fig.update_layout(title=f"Per-prompt reward trajectories: {labels.get(t, t)}", xaxis_title="step",
+                          yaxis_title="reward mean over the K samples")
+        zero_count = int((initial == 0).sum())
+        figs.append((f"trajectories-{t}", fig, f"{zero_count} of {len(initial)} prompts started at reward std 0."))
+    return figs
+
+
 def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
     figs: list = []
     # a trial measured at several steps (PPO's monitor set) gets one trace per step
@@ -276,6 +303,10 @@ def build_report(results: str, sweep: str) -> str:
         if improvement is not None:
             blocks.append("<h2>Which inputs did finetuning improve?</h2>")
             blocks.append(improvement)
+        trajectories = trajectory_figures(inputs, labels)
+        if trajectories:
+            blocks.append("<h2>Per-prompt trajectories</h2>")
+            blocks += trajectories
         blocks.append(INPUTS_SECTION)
     controlled_trials = set(trials[trials["workload"] == "controlled"]["trial"]) if len(trials) else set()
     curves = metrics[~metrics["trial"].isin(controlled_trials)] if len(metrics) else metrics

@@ -73,7 +73,7 @@ def test_config_of_an_unknown_workload_is_one_line_naming_it_and_the_allowed(cap
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1
-    assert "unknown workload 'nope' (did you mean 'noop'?); allowed: controlled, extract, nlpo, noop, ppo, sft" in captured.err
+    assert "unknown workload 'nope' (did you mean 'noop'?); allowed: controlled, extract, grpo, nlpo, noop, ppo, sft" in captured.err
 
 
 def test_help_lists_every_command_and_the_new_options(capsys):

@@ -53,8 +53,9 @@ def test_per_input_stats_match_numpy(tmp_path):
         assert row["reward_std"] == pytest.approx(np.std(r, ddof=0), rel=1e-9, abs=1e-15)
         assert row["reward_std_unbiased"] == pytest.approx(np.std(r, ddof=1), rel=1e-9, abs=1e-15)
         assert row["grad_norm"] == float(row["input_id"])
+        assert row["reward_std_zero"] is (row["input_id"] == 3)  # recomputed: all K rewards equal
         assert row["sweep"] == "s" and row["trial"] == "extract-a"
-    assert pq.read_schema(summary.path).metadata[b"rlgrad.schema_version"] == b"2"
+    assert pq.read_schema(summary.path).metadata[b"rlgrad.schema_version"] == b"3"
 
 
 def test_aggregation_detects_duplicated_and_lost_rows(tmp_path):

@@ -4,7 +4,7 @@ Three parts, imports flowing one way (text and controlled -> core):
   core/        the context a workload runs in, table schemas and storage,
                hub/availability probing, local data, the config base
   text/        language-model RFT: models, tasks, rewards, sampling, gradient
-               norms, and the extract / sft / ppo workloads
+               norms, and the extract / sft / ppo / grpo workloads
   controlled/  classifier "policies": SFT vs RFT (paper section 4.2)
 
 Each workload is a plain function `run(config, ctx)` of its validated config
@@ -23,6 +23,7 @@ from .controlled.config import ControlledConfig
 from .core.config import StrictConfig
 from .noop import NoopConfig
 from .text.extract_config import ExtractConfig
+from .text.grpo_config import GRPOConfig
 from .text.nlpo_config import NLPOConfig
 from .text.ppo_config import PPOConfig
 from .text.sft_config import SFTConfig
@@ -38,6 +39,7 @@ WORKLOADS: dict[str, Workload] = {
     "sft": Workload(SFTConfig, "workloads.text.sft:run_sft"),
     "ppo": Workload(PPOConfig, "workloads.text.ppo:run_ppo"),
     "nlpo": Workload(NLPOConfig, "workloads.text.ppo:run_ppo"),  # PPO's loop with NLPO's action mask
+    "grpo": Workload(GRPOConfig, "workloads.text.grpo:run_grpo"),
     "controlled": Workload(ControlledConfig, "workloads.controlled.finetune:run_controlled"),
     "noop": Workload(NoopConfig, "workloads.noop:run_noop"),
 }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: samples gained prompt_token_ids and output_token_ids
+SCHEMA_VERSION = "3"  # 2: samples gained prompt_token_ids and output_token_ids; 3: inputs.reward_std_zero
 
 IDENTITY_FIELDS = [
     pa.field("sweep", pa.string(), nullable=False),
@@ -69,6 +69,9 @@ INPUTS = pa.schema(
         pa.field("reward_std", pa.float64(), nullable=False),
         # unbiased sample std, 1/(K-1) normalisation
         pa.field("reward_std_unbiased", pa.float64(), nullable=False),
+        # all K rewards equal (std exactly 0): every group-relative advantage is 0 and
+        # the gradient norm below is exactly 0 -- the vanishing-gradient case
+        pa.field("reward_std_zero", pa.bool_()),
         # || (1/K) sum_k (r_k - b_k) grad log pi(y_k|x) ||_2 with leave-one-out
         # baseline b_k; null when the stage did not compute gradients
         pa.field("grad_norm", pa.float64()),

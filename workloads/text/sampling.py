@@ -113,7 +113,8 @@ def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log
         input_rows.append({
             "step": step, "input_id": ex.input_id, "prompt": prompts.texts[i], "num_samples": K,
             "reward_mean": reward_mean[i].item(), "reward_std": reward_std[i].item(),
-            "reward_std_unbiased": reward_std_unbiased[i].item(), "grad_norm": grad_norms[i],
+            "reward_std_unbiased": reward_std_unbiased[i].item(), "reward_std_zero": reward_std[i].item() == 0.0,
+            "grad_norm": grad_norms[i],
             "model": model, "dataset": dataset,
         })
     return sample_rows, input_rows

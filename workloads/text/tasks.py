@@ -11,7 +11,9 @@
     default_reward_args(task) -> that reward's arguments (IWSLT: tokenize intl, IMDB: the classifier)
     resolve_reward(task, reward, reward_args) -> (name, args)  # a config's `reward: task` made concrete
 
-Tasks: the built-in offline `reverse` (workloads/text/builtin_task.py) and the seven
+Tasks: the built-in offline `reverse` (workloads/text/builtin_task.py), the
+verifiable-reward math tasks `arithmetic_d1..d5` and `word_problems_d1..d3`
+(workloads/text/math_tasks.py, offline, exact 0/1 reward), and the seven
 GRUE tasks (workloads/text/grue.py), which read the hub or a local copy given by
 `dataset_path` (ignored by `reverse`, which needs no data).
 
@@ -21,11 +23,12 @@ configs can check a task and its reward while they are validated.
 
 from __future__ import annotations
 
-from . import builtin_task, grue
+from . import builtin_task, grue, math_tasks
 from .rewards import check_reward_available
 
 BUILTIN_TASKS = ("reverse",)
-TASKS = (*BUILTIN_TASKS, *grue.GRUE_TASKS)
+MATH_TASKS = math_tasks.MATH_TASKS
+TASKS = (*BUILTIN_TASKS, *MATH_TASKS, *grue.GRUE_TASKS)
 TASK_REWARD = "task"  # the config value that means "this task's default reward"
 
 
@@ -38,6 +41,8 @@ def get_examples(task: str, split: str, indices: list[int], dataset_path: str | 
     _check(task)
     if task in BUILTIN_TASKS:
         return builtin_task.get_examples(task, split, indices)
+    if task in MATH_TASKS:
+        return math_tasks.get_examples(task, split, indices)
     return grue.get_examples(task, split, indices, dataset_path)
 
 
@@ -45,6 +50,8 @@ def split_size(task: str, split: str, dataset_path: str | None = None) -> int:
     _check(task)
     if task in BUILTIN_TASKS:
         return builtin_task.split_size(task, split)
+    if task in MATH_TASKS:
+        return math_tasks.split_size(task, split)
     return grue.split_size(task, split, dataset_path)
 
 
@@ -52,6 +59,8 @@ def choose_inputs(task: str, split: str, num_inputs: int, seed: int, dataset_pat
     _check(task)
     if task in BUILTIN_TASKS:
         return builtin_task.choose_inputs(task, split, num_inputs, seed)
+    if task in MATH_TASKS:
+        return math_tasks.choose_inputs(task, split, num_inputs, seed)
     return grue.choose_inputs(task, split, num_inputs, seed, dataset_path)
 
 
@@ -59,7 +68,7 @@ def prompt_text(task: str, example, is_encoder_decoder: bool) -> str:
     _check(task)
     if task in BUILTIN_TASKS:
         return builtin_task.prompt_text(example.source, is_encoder_decoder)
-    # GRUE prompts are the same text for both model kinds: T5 tasks carry their
+    # math and GRUE prompts are the same text for both model kinds: T5 tasks carry their
     # prefix, GPT-2 tasks (DailyDialog, IMDB) are continuations of the prompt
     return example.source
 
@@ -90,7 +99,7 @@ def truncation_side(task: str, setting: str, encoder_decoder: bool, stage: str =
         raise ValueError(f"truncation_side={setting!r}; allowed: 'task', 'left', 'right'")
     if stage not in ("extract", "sft", "ppo"):
         raise ValueError(f"stage={stage!r}; allowed: 'extract', 'sft', 'ppo'")
-    if task in BUILTIN_TASKS:
+    if task in BUILTIN_TASKS or task in MATH_TASKS:  # no reference config: keep where the answer starts
         return "right" if encoder_decoder else "left"
     table = grue.PPO_PROMPT_TRUNCATION_SIDE if stage == "ppo" else grue.REFERENCE_TRUNCATION_SIDE
     return table[task]
@@ -98,12 +107,14 @@ def truncation_side(task: str, setting: str, encoder_decoder: bool, stage: str =
 
 def default_reward(task: str) -> str:
     _check(task)
+    if task in MATH_TASKS:
+        return "math_answer"
     return task if task in BUILTIN_TASKS else grue.DEFAULT_REWARDS[task][0]
 
 
 def default_reward_args(task: str) -> dict:
     _check(task)
-    return {} if task in BUILTIN_TASKS else dict(grue.DEFAULT_REWARDS[task][1])
+    return {} if task in (*BUILTIN_TASKS, *MATH_TASKS) else dict(grue.DEFAULT_REWARDS[task][1])
 
 
 def resolve_reward(task: str, reward: str = TASK_REWARD, reward_args: dict | None = None) -> tuple[str, dict]:
