@@ -178,3 +178,38 @@ def test_request_the_embedded_cluster_can_never_meet_is_refused_at_once(tmp_path
                         r"worker\(s\); .*", errors[0]), errors[0]
     assert "[rlgrad] stage" not in proc.stdout  # no stage started, not even the feasible one
     assert not (tmp_path / "results" / "big" / "sweep.yaml").exists()  # a fixed file can run here later
+
+
+def test_failed_trial_prints_its_cause_and_the_path_of_its_full_log(tmp_path):
+    import io
+
+    from orchestrator.console import Console, console, set_console
+    from orchestrator.stage import _make_progress_callback, _trial_name
+
+    stage = _stage(TINY, "a")
+    out = io.StringIO()
+    previous = console()
+    con = set_console(Console(stream=out))
+    con.log_dir = str(tmp_path / "logs")
+    ray_text = ("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=10.0.0.1)\nTraceback (most recent call last):\n"
+                '  File "x.py", line 1, in f\nray.train.WorkerGroupError: Training failed\nValueError: boom at step 3')
+
+    class FakeTrial:
+        config = {"point": {"params": {"x": 0.0}, "parent": None}}
+        error_file = "/nonexistent/error.txt"
+
+        def get_error(self):
+            return RuntimeError(ray_text)
+
+    try:
+        tracker = StageProgress("a", "noop", total=2)
+        callback = _make_progress_callback(stage, tracker)
+        callback.on_trial_start(0, [], FakeTrial())
+        callback.on_trial_error(0, [], FakeTrial())
+    finally:
+        set_console(previous)
+    name = _trial_name(stage, FakeTrial.config)
+    log = tmp_path / "logs" / "trials" / "a" / f"{name}.log"
+    assert out.getvalue() == f"[rlgrad] a: FAILED {name}: ValueError: boom at step 3 (full log: {log})\n"
+    assert "Traceback (most recent call last)" in log.read_text() and "\x1b[" not in log.read_text()
+    assert tracker.failed == 1 and not tracker.running
