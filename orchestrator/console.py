@@ -24,7 +24,7 @@ PROGRESS_INTERVAL_S = float(os.environ.get("RLGRAD_PROGRESS_INTERVAL_S", "30"))
 TTY_REFRESH_S = 1.0
 
 # a workload's key metric for the progress line, and how "best" is judged
-KEY_METRICS = {"sft": ("eval_reward_mean", "max"), "extract": ("reward_std_mean", "min"),
+KEY_METRICS = {"sft": ("eval_reward_mean", "max"), "extract": ("reward_mean", "max"),
                "ppo": ("reward_mean", "max"), "nlpo": ("reward_mean", "max"),
                "controlled": ("test/accuracy", "max"), "noop": ("objective", "max")}
 # the few metrics a trial's one-line summary shows (the trials table keeps them all)
@@ -175,11 +175,11 @@ def _meaningful(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def trial_summary(workload: str, params: dict, result: dict) -> str:
+def trial_summary(workload: str, params: dict, result: dict, parent: str | None = None) -> str:
     """`max_steps=150  eval_reward_mean=0.5152 loss=1.713 (64s)`: the searched values, the
     workload's key metrics that mean something (NaN dropped; nothing at all for a
     trial that trained zero steps but its evaluation), and the trial's wall time."""
-    parts = [f"{k}={v}" for k, v in params.items()]
+    parts = ([f"from {parent}"] if parent else []) + [f"{k}={v}" for k, v in params.items()]
     names = SUMMARY_METRICS.get(workload) or tuple(k for k, v in result.items() if isinstance(v, float))[:5]
     trained_nothing = result.get("step") == 0
     for name in names:

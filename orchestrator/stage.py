@@ -180,8 +180,9 @@ def _make_progress_callback(stage: StageSpec, tracker: StageProgress) -> tune.Ca
             result = trial.last_result or {}
             name = _trial_name(stage, trial.config)
             tracker.trial_ended(name, result, failed=False)
-            summary = trial_summary(stage.workload, trial.config["point"]["params"], _workload_metrics(result)
-                                    | {"time_total_s": result.get("time_total_s")})
+            point = trial.config["point"]
+            summary = trial_summary(stage.workload, point["params"], _workload_metrics(result)
+                                    | {"time_total_s": result.get("time_total_s")}, parent=point["parent"])
             progress(f"{stage.name}: done {name} {summary}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
