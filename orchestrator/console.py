@@ -56,6 +56,9 @@ class Console:
 
     @property
     def is_tty(self) -> bool:
+        """Whether the progress line can be redrawn in place (not under --verbose: Ray's lines interleave)."""
+        if self.verbose:
+            return False
         try:
             return self._out.isatty()
         except (AttributeError, ValueError):
