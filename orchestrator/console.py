@@ -222,20 +222,26 @@ class StageProgress:
         self.metric, self.mode = key_metric or KEY_METRICS.get(workload, (None, "max"))
         self.started = time.time()
         self.done = self.failed = 0
-        self.running: dict[str, float] = {}  # trial -> fraction done
+        self.running: dict[str, float] = {}  # trial -> fraction done, from its reports
+        self.trial_started_at: dict[str, float] = {}
+        self.durations: list[float] = []  # of this stage's finished trials
         self.best: float | None = None
         self.interval_s = PROGRESS_INTERVAL_S if interval_s is None else interval_s
         self._last_shown = 0.0
 
-    def trial_started(self, trial: str) -> None:
+    def trial_started(self, trial: str, now: float | None = None) -> None:
         self.running[trial] = 0.0
+        self.trial_started_at[trial] = time.time() if now is None else now
 
     def trial_result(self, trial: str, fraction: float) -> None:
         if trial in self.running:
             self.running[trial] = fraction
 
-    def trial_ended(self, trial: str, result: dict | None, failed: bool) -> None:
+    def trial_ended(self, trial: str, result: dict | None, failed: bool, now: float | None = None) -> None:
         self.running.pop(trial, None)
+        started = self.trial_started_at.pop(trial, None)
+        if started is not None and not failed:
+            self.durations.append((time.time() if now is None else now) - started)
         if failed:
             self.failed += 1
             return
@@ -249,7 +255,7 @@ class StageProgress:
         now = time.time() if now is None else now
         elapsed = now - self.started
         finished = self.done + self.failed
-        share = (finished + sum(self.running.values())) / self.total if self.total else 1.0
+        share = (finished + sum(self._fraction(t, now) for t in self.running)) / self.total if self.total else 1.0
         if finished == self.total:
             eta = "done"
         elif share > 0:
@@ -261,6 +267,13 @@ class StageProgress:
         if self.best is not None:
             text += f" | best {self.metric}={self.best + 0.0:.4g}"
         return text
+
+    def _fraction(self, trial: str, now: float) -> float:
+        """A running trial's share: from its reports, else its time so far over the finished trials' mean."""
+        reported = self.running[trial]
+        if reported > 0 or not self.durations or trial not in self.trial_started_at:
+            return reported
+        return min(0.95, (now - self.trial_started_at[trial]) / (sum(self.durations) / len(self.durations)))
 
     def due(self, tty: bool, now: float | None = None) -> bool:
         now = time.time() if now is None else now

@@ -77,13 +77,16 @@ def test_stage_progress_line():
     tracker = StageProgress("sft", "sft", total=4)
     tracker.started = 1000.0
     for t in ("t1", "t2", "t3"):
-        tracker.trial_started(t)
-    tracker.trial_ended("t1", {"eval_reward_mean": 0.5}, failed=False)
-    tracker.trial_ended("t2", None, failed=True)
+        tracker.trial_started(t, now=1000.0)
+    tracker.trial_ended("t1", {"eval_reward_mean": 0.5}, failed=False, now=1080.0)
+    tracker.trial_ended("t2", None, failed=True, now=1050.0)
     tracker.trial_result("t3", 0.5)
     # 2.5 of 4 trials' work in 100 s: 60 s to go
     assert tracker.line(now=1100.0) == ("stage sft: 1/4 done, 1 running, 1 failed | 1m40s elapsed, ETA 1m00s"
                                         " | best eval_reward_mean=0.5")
+    # a trial that reports nothing until it ends: its time so far over the finished trials' mean (80 s)
+    tracker.trial_started("t4", now=1060.0)
+    assert tracker._fraction("t4", now=1100.0) == 0.5
     assert not tracker.due(tty=False, now=1001.0)
     assert tracker.due(tty=False, now=1000.0 + tracker.interval_s)
 
