@@ -89,6 +89,7 @@ def _loop_config(plan: StagePlan, trial: ResolvedTrial) -> dict:
         "results": plan.root.location,
         "show_progress": plan.show_progress,
         "cpus_per_worker": plan.stage.scaling.cpus_per_worker,
+        "train_log_level": plan.train_log_level,
     }
 
 
