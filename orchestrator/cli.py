@@ -44,34 +44,49 @@ def _error(message: str, code: int = 2) -> int:
 
 
 def _cmd_run(args) -> int:
+    from .console import Console, set_console
+    from .driver import SweepError
+
+    con = set_console(Console(verbose=args.verbose))
+    try:
+        return _run(args, con)
+    except SweepError as e:
+        con.release()
+        return _error(str(e), 1)
+    except KeyboardInterrupt:
+        con.release()
+        print("\n[rlgrad] interrupted: run the same command again to continue; finished trials are skipped",
+              file=sys.stderr)
+        return 130
+    finally:
+        con.release()  # Ray's output back on fds 1 and 2; errors raised from here print as `rlgrad: error:`
+
+
+def _run(args, con) -> int:
     from .aggregate import AggregationError, aggregate_sweep
-    from .driver import SweepError, run_sweep
+    from .driver import run_sweep
     from .report import build_report
 
     spec, _ = load_spec(args.spec)
     results = args.results or spec.results
-    try:
-        outcome = run_sweep(spec, results, address=args.address, show_progress=not args.quiet,
-                            max_concurrent=args.max_concurrent, num_cpus=args.num_cpus)
-    except SweepError as e:
-        return _error(str(e), 1)
-    except KeyboardInterrupt:
-        print("\n[rlgrad] interrupted: run the same command again to continue; finished trials are skipped",
-              file=sys.stderr)
-        return 130
+    outcome = run_sweep(spec, results, address=args.address, show_progress=args.verbose and not args.quiet,
+                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus, capture_logs=True,
+                        wait_for_nodes_s=args.wait_for_nodes)
     try:
         summary = aggregate_sweep(results, spec.sweep)
     except AggregationError as e:
+        con.release()
         return _error(f"aggregating {outcome.sweep_dir}: {e}", 1)
     report = build_report(results, spec.sweep)
-    print(f"[rlgrad] results: {outcome.sweep_dir}")
     if summary.path:
-        print(f"[rlgrad] per-input table: {summary.path} ({summary.num_inputs} input rows from {summary.num_samples} samples)")
-    print(f"[rlgrad] report: {report}")
-    print(f"[rlgrad] query it: rlgrad query --results {results} --sweep {spec.sweep} \"SELECT * FROM inputs LIMIT 5\"")
+        con.line(f"per-input table: {summary.path} ({summary.num_inputs} input rows from {summary.num_samples} samples)")
+    con.line(f"report: {report}")
+    con.line(f"query it: rlgrad query --results {results} --sweep {spec.sweep} \"SELECT * FROM inputs LIMIT 5\"")
+    if con.log_dir:
+        con.line(f"Ray's and the workers' logs: {con.log_dir}" + ("" if con.verbose else " (driver.log)"))
     if outcome.failed:
-        for o in outcome.failed:
-            print(f"[rlgrad] trial {o.trial.trial_id} failed: {o.error}", file=sys.stderr)
+        con.line(f"{len(outcome.failed)} trial(s) failed: " + ", ".join(o.trial.trial_id for o in outcome.failed),
+                 error=True)
         return 1
     return 0
 
@@ -301,7 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=int, help="trials of a stage run at once (default: as many as the "
                                                          "cluster's CPUs/GPUs fit)")
     run.add_argument("--num-cpus", type=int, help="CPUs of the embedded cluster (default: all)")
-    run.add_argument("--quiet", action="store_true", help="no per-worker progress bars")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="show Ray's, Tune's and the workers' output (and their progress bars) on the console; "
+                          "by default it goes to <results>/<sweep>/logs/driver.log")
+    run.add_argument("--quiet", action="store_true", help="with --verbose: no per-worker progress bars")
+    run.add_argument("--wait-for-nodes", type=float, default=900, metavar="SECONDS",
+                     help="on an autoscaling cluster, how long a stage whose workers do not fit waits for new "
+                          "nodes before the run fails (default 900); a cluster that cannot grow refuses such "
+                          "a stage at once")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a sweep file and list the trials it would run",

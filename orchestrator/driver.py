@@ -15,15 +15,20 @@ a model: torch is imported only on the workers.
 
 from __future__ import annotations
 
-import time
+import os
+import tempfile
 from dataclasses import dataclass
 
 import ray
 
 from workloads.core.storage import ResultsRoot
 
+from .capacity import InfeasibleError, alive_nodes, cluster_can_grow, refuse_infeasible, wait_for_nodes
+from .console import console, progress
 from .spec import SpecError, SweepSpec, resolved_spec_yaml
-from .stage import TrialOutcome, progress, run_stage
+from .stage import TrialOutcome, run_stage
+
+WAIT_FOR_NODES_S = 15 * 60
 
 
 class SweepError(RuntimeError):
@@ -42,29 +47,75 @@ class SweepOutcome:
 
 
 def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_progress: bool = True,
-              max_concurrent: int | None = None, num_cpus: int | None = None) -> SweepOutcome:
+              max_concurrent: int | None = None, num_cpus: int | None = None, capture_logs: bool = False,
+              wait_for_nodes_s: float = WAIT_FOR_NODES_S) -> SweepOutcome:
     """Run every stage of `spec` in order on the Ray cluster at `address`
-    (None: start an embedded local cluster)."""
+    (None: start an embedded local cluster). With capture_logs, Ray's and the
+    workers' output goes to the sweep's log directory instead of the console
+    (unless the console is verbose)."""
     root = ResultsRoot(results)
     root.check_writable()
     resuming = check_results_dir(spec, root)
     with root.sweep_lock(spec.sweep):
+        if capture_logs:
+            console().capture(sweep_log_dir(root, spec.sweep))
         started_here = not ray.is_initialized()
         try:
             if started_here:
+                _quiet_ray(embedded=address is None)
                 context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                                   logging_level="WARNING", log_to_driver=True)
+                                   logging_level="INFO" if console().verbose else "WARNING", log_to_driver=True)
             else:
                 context = ray.get_runtime_context()
+            can_grow = address is not None and cluster_can_grow()
+            if not can_grow:  # before anything is written: a request this cluster can never meet
+                try:
+                    refuse_infeasible(spec.stages, alive_nodes())
+                except InfeasibleError as e:
+                    raise SpecError(str(e)) from None
             dashboard = getattr(context, "dashboard_url", None)
             root.write_text(spec.sweep, "sweep.yaml", text=resolved_spec_yaml(spec))
             _announce(spec, root, dashboard, resuming)
+            _link_ray_logs(started_here and address is None)
             finished = _finished_trials(root, spec.sweep) if resuming else {}
-            outcomes = _run_stages(spec, root, finished, show_progress, max_concurrent)
+            outcomes = _run_stages(spec, root, finished, show_progress, max_concurrent,
+                                   wait_for_nodes_s if can_grow else None)
             return SweepOutcome(root.uri(spec.sweep), outcomes, dashboard)
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def sweep_log_dir(root: ResultsRoot, sweep: str) -> str:
+    """<results>/<sweep>/logs/ for a local root; a local directory for a bucket (logs are appended to)."""
+    if root.is_local:
+        return root.uri(sweep, "logs")
+    return os.path.join(tempfile.gettempdir(), "rlgrad-logs", sweep)
+
+
+def _quiet_ray(embedded: bool) -> None:
+    """Ray's own knobs for a quiet console (set before ray.init, so the embedded
+    cluster's processes inherit them); anything still printed goes to the log file."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter at verbose=0 prints nothing
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard loggers, no hints
+    if embedded:
+        # one local node is never preempted; the watcher only logs an error-level line at start-up
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def _link_ray_logs(embedded: bool) -> None:
+    """<sweep>/logs/ray-session -> the embedded cluster's session logs (what the dashboard serves)."""
+    log_dir = console().log_dir
+    if not (embedded and log_dir):
+        return
+    try:
+        session_logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+        link = os.path.join(log_dir, "ray-session")
+        if os.path.islink(link):
+            os.unlink(link)
+        os.symlink(session_logs, link)
+    except (OSError, AttributeError):
+        pass  # a convenience only
 
 
 def check_results_dir(spec: SweepSpec, root: ResultsRoot) -> bool:
@@ -97,7 +148,7 @@ def _finished_trials(root: ResultsRoot, sweep: str) -> dict[str, dict]:
 
 
 def _run_stages(spec: SweepSpec, root: ResultsRoot, finished: dict[str, dict], show_progress: bool,
-                max_concurrent: int | None) -> dict[str, list[TrialOutcome]]:
+                max_concurrent: int | None, wait_for_nodes_s: float | None) -> dict[str, list[TrialOutcome]]:
     """The stages in order; a stage that starts from another gets its finished trials' checkpoints."""
     outcomes: dict[str, list[TrialOutcome]] = {}
     for stage in spec.stages:
@@ -108,9 +159,11 @@ def _run_stages(spec: SweepSpec, root: ResultsRoot, finished: dict[str, dict], s
             if not parent_checkpoints:
                 raise SweepError(f"stage {stage.name!r} starts from stage {stage.from_stage!r}, "
                                  "which has no finished trial with a checkpoint")
-        t0 = time.time()
+        if wait_for_nodes_s is not None:  # an autoscaling cluster: wait (bounded) for nodes that fit
+            try:
+                wait_for_nodes(stage, wait_for_nodes_s, progress)
+            except InfeasibleError as e:
+                raise SweepError(str(e)) from None
         progress(f"stage {stage.name} ({stage.workload}): starting")
         outcomes[stage.name] = run_stage(spec, stage, root, parent_checkpoints, finished, show_progress, max_concurrent)
-        ok = sum(o.status != "ERROR" for o in outcomes[stage.name])
-        progress(f"stage {stage.name}: {ok}/{len(outcomes[stage.name])} trials done in {time.time() - t0:.0f}s")
     return outcomes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import ray
@@ -18,9 +19,10 @@ from ray import tune
 
 from workloads.core.storage import ResultsRoot
 
+from .console import StageProgress, console, progress, trial_fraction, trial_summary
 from .spec import ResolvedTrial, StageSpec, SweepSpec, grid_points, resolve_trial
 from .trial import StagePlan, trial_fn
-from .trial_errors import error_cause
+from .trial_errors import error_cause, strip_ansi
 
 
 @dataclass
@@ -32,25 +34,29 @@ class TrialOutcome:
     error: str | None = None
 
 
-def progress(message: str) -> None:
-    print(f"[rlgrad] {message}", flush=True)
-
-
 def run_stage(spec: SweepSpec, stage: StageSpec, root: ResultsRoot, parent_checkpoints: dict[str, str],
               finished: dict[str, dict], show_progress: bool, max_concurrent: int | None) -> list[TrialOutcome]:
     """Run every trial of `stage` not in `finished`; record each in the trials table."""
-    plan = StagePlan(spec.sweep, root, stage, parent_checkpoints, show_progress)
+    plan = StagePlan(spec.sweep, root, stage, parent_checkpoints, show_progress,
+                     train_log_level="INFO" if console().verbose else "WARNING")
     trainable = tune.with_resources(tune.with_parameters(trial_fn, plan=plan), _trial_resources(stage))
     parents = list(parent_checkpoints) if stage.from_stage else [None]
     if stage.search.optuna is None:
         outcomes, runs = _grid_runs(stage, parents, finished, max_concurrent)
     else:
         outcomes, runs = [], _optuna_runs(stage, parents, max_concurrent)
+    total = sum(tc.num_samples * (len(space["point"]["grid_search"]) if "grid_search" in space["point"] else 1)
+                for space, tc in runs)
+    opt = stage.search.optuna
+    tracker = StageProgress(stage.name, stage.workload, total, (opt.metric, opt.mode) if opt else None)
     for i, (space, tune_config) in enumerate(runs):
         name = stage.name if len(runs) == 1 else f"{stage.name}-{i}"
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config,
-                           run_config=_tune_run_config(stage, root, spec.sweep, name))
+                           run_config=_tune_run_config(stage, root, spec.sweep, name, tracker))
         outcomes += [_outcome(stage, result, root) for result in tuner.fit()]
+    if runs:
+        console().end_status()
+        progress(tracker.line())
     for outcome in outcomes:
         if outcome.status != "SKIPPED":
             _record_trial(root, spec.sweep, outcome)
@@ -70,11 +76,12 @@ def _trial_resources(stage: StageSpec) -> dict:
     return {"cpu": per["CPU"], "gpu": per.get("GPU", 0)} | ({"memory": per["memory"]} if "memory" in per else {})
 
 
-def _tune_run_config(stage: StageSpec, root: ResultsRoot, sweep: str, name: str) -> tune.RunConfig:
+def _tune_run_config(stage: StageSpec, root: ResultsRoot, sweep: str, name: str,
+                     tracker: StageProgress) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
         storage_path=root.uri(sweep, "_tune"),
-        callbacks=[_make_progress_callback(stage)],
+        callbacks=[_make_progress_callback(stage, tracker)],
         # inline trials are restarted by Tune (from their last checkpoint);
         # worker groups by Ray Train's FailureConfig
         failure_config=tune.FailureConfig(max_failures=stage.failure.max_failures if stage.scaling.num_workers == 0 else 0),
@@ -153,22 +160,53 @@ def _outcome(stage: StageSpec, result, root: ResultsRoot) -> TrialOutcome:
     return TrialOutcome(trial, "TERMINATED", checkpoint, metrics)
 
 
-def _make_progress_callback(stage: StageSpec) -> tune.Callback:
-    class StageProgress(tune.Callback):
-        """One line per trial start and end on the driver's console."""
+def _make_progress_callback(stage: StageSpec, tracker: StageProgress) -> tune.Callback:
+    class StageProgressCallback(tune.Callback):
+        """The stage's live progress line, and one line per finished or failed trial."""
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            progress(f"stage {stage.name}: started {_trial_name(stage, trial.config)}")
+            tracker.trial_started(_trial_name(stage, trial.config))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            config = resolve_trial(stage, trial.config["point"]["params"], trial.config["point"]["parent"]).config
+            tracker.trial_result(_trial_name(stage, trial.config),
+                                 trial_fraction(stage.workload, config.model_dump(), result))
+
+        def on_step_end(self, iteration, trials, **info):
+            if tracker.due(console().is_tty):
+                console().status(tracker.line())
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            result = _workload_metrics(trial.last_result or {})
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))[:300]
-            progress(f"stage {stage.name}: finished {_trial_name(stage, trial.config)} ({shown})")
+            result = trial.last_result or {}
+            name = _trial_name(stage, trial.config)
+            tracker.trial_ended(name, result, failed=False)
+            point = trial.config["point"]
+            summary = trial_summary(stage.workload, point["params"], _workload_metrics(result)
+                                    | {"time_total_s": result.get("time_total_s")}, parent=point["parent"])
+            progress(f"{stage.name}: done {name} {summary}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            progress(f"stage {stage.name}: FAILED {_trial_name(stage, trial.config)} (see {trial.local_path})")
+            name = _trial_name(stage, trial.config)
+            tracker.trial_ended(name, None, failed=True)
+            error = trial.get_error()
+            text = str(error) if error is not None else ""
+            log = _trial_log(stage, name, text) or trial.error_file
+            console().line(f"{stage.name}: FAILED {name}: {error_cause(text) or 'see the log'} (full log: {log})",
+                           error=True)
 
-    return StageProgress()
+    return StageProgressCallback()
+
+
+def _trial_log(stage: StageSpec, trial: str, text: str) -> str | None:
+    """The failed trial's full error text in <sweep>/logs/trials/<stage>/<trial>.log."""
+    log_dir = console().log_dir
+    if not log_dir:
+        return None
+    path = os.path.join(log_dir, "trials", stage.name, f"{trial}.log")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(strip_ansi(text) + "\n")
+    return path
 
 
 # Tune's own bookkeeping in every result; not worth keeping in the trials table

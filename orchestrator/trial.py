@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow.compute as pc
 from ray import tune
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from workloads import WORKLOADS
@@ -36,6 +36,8 @@ class StagePlan:
     stage: StageSpec
     parent_checkpoints: dict[str, str]  # parent trial id -> checkpoint URI
     show_progress: bool = True
+    # Ray Train's own `ray.train` lines (e.g. one "Reporting training result" per report): INFO with --verbose
+    train_log_level: str = "WARNING"
 
 
 def trial_fn(tune_config: dict, plan: StagePlan) -> dict:
@@ -87,6 +89,7 @@ def _loop_config(plan: StagePlan, trial: ResolvedTrial) -> dict:
         "results": plan.root.location,
         "show_progress": plan.show_progress,
         "cpus_per_worker": plan.stage.scaling.cpus_per_worker,
+        "train_log_level": plan.train_log_level,
     }
 
 
@@ -107,6 +110,7 @@ def _torch_trainer(plan: StagePlan, trial: ResolvedTrial, loop_config: dict):
             storage_path=plan.root.uri(plan.sweep, "checkpoints", trial.stage),
             failure_config=FailureConfig(max_failures=plan.stage.failure.max_failures),
             callbacks=[TuneReportCallback()],
+            logging_config=LoggingConfig(log_level=plan.train_log_level),
         ),
     )
 

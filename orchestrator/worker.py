@@ -14,6 +14,7 @@ orchestrator/trial.py); torch is imported only where a worker picks its device.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -52,6 +53,7 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train.torch  # imports torch: only on the workers
 
+    _report_lines_at(loop_config.get("train_log_level", "INFO"))
     train_ctx = ray.train.get_context()
     resume = ray.train.get_checkpoint()  # set when Ray restarted this worker group or the run
 
@@ -61,6 +63,17 @@ def train_loop(loop_config: dict) -> None:
 
     run_in_context(loop_config, train_ctx.get_world_rank(), train_ctx.get_world_size(),
                    str(ray.train.torch.get_device()), report, resume.to_directory() if resume else None)
+
+
+def _report_lines_at(level: str) -> None:
+    """Ray 2.60's Train V2 logs "Reporting training result N: ..." at INFO on a logger named by
+    its file path (`logging.getLogger(__file__)`), outside `ray.train`, so Train's
+    LoggingConfig does not reach it: set that logger's level too."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)
 
 
 def run_inline(loop_config: dict, use_gpu: bool) -> None:
