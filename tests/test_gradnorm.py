@@ -62,15 +62,14 @@ def random_groups(tokenizer, num_inputs, K, seed):
     return prompts, outputs, rewards
 
 
-@pytest.mark.parametrize("name,form", [("builtin:tiny-gpt2", None), ("builtin:tiny-gpt2", "ghost"),
-                                       ("builtin:tiny-gpt2", "explicit"), ("builtin:tiny-t5", None)])
-def test_grad_norm_matches_per_sample_reference(name, form, monkeypatch):
+@pytest.mark.parametrize("name,form", [("builtin:tiny-gpt2", "auto"), ("builtin:tiny-gpt2", "ghost"),
+                                       ("builtin:tiny-gpt2", "explicit"), ("builtin:tiny-t5", "auto")])
+def test_grad_norm_matches_per_sample_reference(name, form):
     model, tokenizer = load_model_and_tokenizer(name, dtype=torch.float64)
     model.eval()
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=5, K=4, seed=0)
 
-    monkeypatch.setattr(gradnorm, "_FORCE_NORM_FORM", form)
-    fast = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards))
+    fast = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards), norm_form=form)
 
     reference_model = copy.deepcopy(model)
     reference = [reference_grad_norm(reference_model, p, o, r) for p, o, r in zip(prompts, outputs, rewards)]
@@ -136,10 +135,10 @@ def assert_batched_equals_loop(model, prompts, outputs, rewards, **kwargs):
     return batched
 
 
-@pytest.mark.parametrize("form", [None, "ghost", "explicit"])
+@pytest.mark.parametrize("form", ["auto", "ghost", "explicit"])
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("max_sequences", [4096, 5])  # everything in one backward / chunks of 1-2 inputs
-def test_batched_equals_loop_tied_gpt2(form, K, max_sequences, monkeypatch):
+def test_batched_equals_loop_tied_gpt2(form, K, max_sequences):
     """builtin:tiny-gpt2 ties the LM head to the token embedding: the two
     contributions to that weight's gradient must be summed before the norm."""
     model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
@@ -148,8 +147,8 @@ def test_batched_equals_loop_tied_gpt2(form, K, max_sequences, monkeypatch):
     assert batched_grad_norms_unsupported(model) is None  # it takes the batched path
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=6, K=K, seed=10 + K)
     rewards[1] = [0.25] * K  # a second all-equal group, in the middle
-    monkeypatch.setattr(gradnorm, "_FORCE_NORM_FORM", form)
-    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), max_sequences=max_sequences)
+    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), max_sequences=max_sequences,
+                                       norm_form=form)
     assert norms[1] == 0 and norms[-1] == 0 and (norms[[0, 2, 3, 4]] > 0).all()
 
 
@@ -193,7 +192,7 @@ def test_seq2seq_falls_back_to_the_loop(monkeypatch):
     model.eval()
     assert "seq2seq" in batched_grad_norms_unsupported(model)
     calls = []
-    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a: calls.append(a))
+    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a, **k: calls.append(a))
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=3, K=2, seed=7)
     assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards))
     assert calls == []

@@ -110,6 +110,19 @@ def _pad(rows: list[list[int]], left: bool, device) -> tuple[torch.Tensor, torch
     return ids.to(device), mask.to(device)
 
 
+def causal_inputs(prompt_ids: list[list[int]], outputs: torch.Tensor, output_mask: torch.Tensor):
+    """One causal sequence per row, [left-padded prompt | right-padded output]:
+    (input_ids, attention_mask, position_ids, prompt_width); outputs and
+    output_mask are the right-padded outputs (`_pad`). Output token t of row s
+    sits at column prompt_width + t and is predicted at column prompt_width - 1 + t."""
+    prompts, prompt_mask = _pad(prompt_ids, left=True, device=outputs.device)
+    input_ids = torch.cat([prompts, outputs], dim=1)
+    attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
+    # positions count real tokens only, so left padding never shifts a sequence
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, prompts.shape[1]
+
+
 def token_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]]):
     """log pi(o_t | prompt, o_<t) for every output token, padded: (log_probs [B, T], mask [B, T]).
 
@@ -126,13 +139,8 @@ def token_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[in
         logits = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
                        decoder_attention_mask=output_mask).logits
     else:
-        prompts, prompt_mask = _pad(prompt_ids, left=True, device=device)
-        input_ids = torch.cat([prompts, outputs], dim=1)
-        attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
-        # positions count real tokens only, so left padding never shifts a sequence
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        input_ids, attention_mask, position_ids, prompt_width = causal_inputs(prompt_ids, outputs, output_mask)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        prompt_width = prompts.shape[1]
         # the logit at position i predicts token i+1: outputs start at prompt_width
         logits = logits[:, prompt_width - 1 : prompt_width - 1 + outputs.shape[1]]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax of half logits in fp32
