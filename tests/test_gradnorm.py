@@ -205,3 +205,79 @@ def test_batched_float32_close_to_float64_loop():
     single = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards))
     double = per_input_grad_norms_loop(model.double(), prompts, outputs, torch.tensor(rewards))
     np.testing.assert_allclose(single.numpy(), double.numpy(), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Llama-family causal LMs (RMSNorm, SwiGLU gated MLP, rotary, grouped KV heads)
+# --------------------------------------------------------------------------
+
+def tiny_llama_family(tokenizer, family: str, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    model = model_cls(config).double().eval()
+    with torch.no_grad():  # RMSNorm weights start at 1: move them off it, so a wrong â would show
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("form", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize("family,tied", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+def test_batched_equals_loop_llama_family(family, tied, form):
+    _, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2")
+    model = tiny_llama_family(tokenizer, family, tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert batched_grad_norms_unsupported(model) is None  # it takes the batched path
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None  # biases covered too
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=5, K=3, seed=20)
+    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), norm_form=form)
+    assert (norms[:-1] > 0).all() and norms[-1] == 0
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-gpt2", "llama"])
+def test_tiny_memory_budget_is_still_exact(name):
+    """A budget of one byte: one input per chunk and one token per LM-head block, so
+    every input is a 'long' one whose head norm is accumulated block by block."""
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
+    if name == "llama":
+        model = tiny_llama_family(tokenizer, "llama", tied=True)
+    model.eval()
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=4, K=3, seed=21)
+    assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), memory_budget_bytes=1)
+
+
+def test_unknown_norm_or_logit_step_falls_back_to_the_loop(monkeypatch):
+    """Gemma's RMSNorm computes (1 + γ) ⊙ â: outside the family (the probe sees it), so
+    the loop runs; a head followed by anything (here: scaled logits) is refused too."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    _, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2")
+    config = GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(6)
+    gemma = GemmaForCausalLM(config).double().eval()
+    assert "RMSNorm" in batched_grad_norms_unsupported(gemma)
+    calls = []
+    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a, **k: calls.append(a))
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=3, K=2, seed=22)
+    assert_batched_equals_loop(gemma, prompts, outputs, torch.tensor(rewards))
+    assert calls == []
+
+    llama = tiny_llama_family(tokenizer, "llama", tied=False)
+    forward = type(llama).forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    monkeypatch.setattr(type(llama), "forward", scaled_forward)
+    assert "lm_head" in batched_grad_norms_unsupported(llama)

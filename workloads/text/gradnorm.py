@@ -148,12 +148,13 @@ def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: li
 # states and whose logits are exactly lm_head(those) (checked once per model
 # on a 3-token input), with every trainable parameter in an nn.Linear, GPT-2's
 # Conv1D, a plain nn.Embedding (no max_norm / scale_grad_by_freq / sparse),
-# nn.LayerNorm or an RMSNorm computing weight ⊙ â (Llama, Qwen2, Mistral;
-# checked on a probe), each module called once per forward, the only tie being
-# the token embedding with the LM head: the GPT-2 and Llama families, tied or
-# untied. Everything else -- seq2seq models (T5: its relative attention bias
-# is shared by all sequences of a batch), logit soft-capping or scaling,
-# (1 + γ) norms -- takes per_input_grad_norms_loop.
+# nn.LayerNorm or an RMSNorm computing γ ⊙ â (Llama, Qwen2, Mistral; checked
+# on a probe; â is taken from the module's own forward with γ = 1), each
+# module called once per forward, the only tie being the token embedding with
+# the LM head: the GPT-2 and Llama families, tied or untied. Everything else
+# -- seq2seq models (T5: its relative attention bias is shared by all
+# sequences of a batch), logit soft-capping or scaling, (1 + γ) norms --
+# takes per_input_grad_norms_loop.
 
 NORM_FORMS = ("auto", "ghost", "explicit")
 _CHUNK_ELEMENTS = 1 << 25  # bound on a per-layer scratch tensor (n x n Grams or d_in x d_out per input)
@@ -262,15 +263,11 @@ def _is_rms_norm(module: nn.Module) -> bool:
         isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dim() == 1
 
 
-def _rms_eps(module) -> float:
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    return torch.finfo(module.weight.dtype).eps if eps is None else eps
-
-
 def _rms_normalized(module, x: torch.Tensor) -> torch.Tensor:
-    """â = a / sqrt(mean(a²) + eps), computed as Llama's RMSNorm does (float32, then the input's dtype)."""
-    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + _rms_eps(module))).to(x.dtype)
+    """â of an RMSNorm module, exactly as it computes it (its own forward with γ = 1:
+    Llama's computes in float32 whatever the model's dtype)."""
+    with torch.no_grad():
+        return torch.func.functional_call(module, {"weight": torch.ones_like(module.weight)}, (x,))
 
 
 def _rms_norm_is_weight_times_normalized(module) -> bool:
@@ -280,7 +277,7 @@ def _rms_norm_is_weight_times_normalized(module) -> bool:
     probe = probe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         got, expected = module(probe), weight * _rms_normalized(module, probe)
-    tolerance = 16 * torch.finfo(weight.dtype).eps
+    tolerance = 16 * torch.finfo(got.dtype).eps
     return got.shape == expected.shape and torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
 
 
@@ -549,7 +546,7 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
                            None)
     ids_of = {}  # embedding module -> _IdsByInput of its forward
     embedding_outputs = {}  # embedding module -> its output, a leaf of the backward
-    called = set()
+    called, probing = set(), set()
 
     def add(value: torch.Tensor) -> None:
         nonlocal squared
@@ -568,7 +565,11 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
         if isinstance(module, nn.LayerNorm):
             normalized = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
         else:
-            normalized = _rms_normalized(module, x)
+            probing.add(module)  # its forward with γ = 1, which runs this module's forward hook again
+            try:
+                normalized = _rms_normalized(module, x)
+            finally:
+                probing.discard(module)
         g, normalized = tokens.gather_sum(g, norm_dtype), normalized.to(norm_dtype)
         if module.weight is not None and id(module.weight) in trainable:
             add((g * normalized).sum(dim=1).square().sum(dim=1))  # ∇γ_i = Σ_τ g_τ ⊙ â_τ
@@ -576,6 +577,8 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
             add(g.sum(dim=1).square().sum(dim=1))  # ∇β_i = Σ_τ g_τ
 
     def forward_hook(module, args, output):
+        if module in probing:
+            return output
         if module in called:
             raise RuntimeError(f"{type(module).__name__} called twice in one forward: the batched grad-norm "
                                "path assumes one call per module")
