@@ -52,10 +52,41 @@ def _builtin_model(name: str, tokenizer):
         return model_cls(config)
 
 
+DTYPE_SETTINGS = ("float32", "bfloat16", "auto")  # a sampling model's `dtype` setting
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bfloat16 instructions (x86 avx512_bf16 or amx_bf16; Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(setting: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """The torch dtype for a `dtype` setting: a dtype or its name ("float32", "bfloat16", ...), or
+    "auto": bfloat16 on a GPU that supports it and on a CPU with native bf16 instructions
+    (`cpu_supports_bf16`), float32 elsewhere."""
+    if isinstance(setting, torch.dtype):
+        return setting
+    if setting == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
+    dtype = getattr(torch, setting, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {setting!r}; use one of {DTYPE_SETTINGS} or a torch dtype name")
+    return dtype
+
+
 def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu",
                              dtype: torch.dtype | str = torch.float32):
-    """(model, tokenizer) for a builtin name, a local checkpoint directory, or a hub id."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    """(model, tokenizer) for a builtin name, a local checkpoint directory, or a hub id, in
+    `dtype` (a torch dtype, its name, or "auto": see `resolve_dtype`)."""
+    dtype = resolve_dtype(dtype, device)
     if name.startswith("builtin:"):
         tokenizer = build_char_tokenizer()
         model = _builtin_model(name, tokenizer).to(dtype)
