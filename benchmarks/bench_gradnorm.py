@@ -24,6 +24,8 @@ Also checks that the batched norms equal the loop's (relative difference printed
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -56,6 +58,7 @@ MODEL_SIZES = {  # built from config, random init (no hub, no weights)
 }
 DEFAULT_VOCAB = {"tiny": 53, "gpt2-small": 50257, "smollm2-135m": 49152}
 METHODS = ("loop", "batched", "floor")
+BASELINE = "batched@baseline"  # --baseline-tree: the batched path of another checkout, timed beside this one
 
 
 def parse_args(argv=None):
@@ -78,7 +81,11 @@ def parse_args(argv=None):
     parser.add_argument("--memory-budget-mib", type=int, default=None,
                         help="batched path: its memory budget (default: the production default, "
                              "workloads.text.gradnorm.default_memory_budget)")
-    parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # the per-method subprocess
+    parser.add_argument("--baseline-tree", default=None,
+                        help="also time the batched path of another checkout of this repository (e.g. "
+                             "`git worktree add /tmp/before main`), interleaved with the others, as "
+                             f"{BASELINE!r}: before/after in one run")
+    parser.add_argument("--memory-of", choices=METHODS + (BASELINE,), help=argparse.SUPPRESS)  # the per-method subprocess
     return parser.parse_args(argv)
 
 
@@ -118,7 +125,22 @@ def run_floor(model, prompts, outputs, rewards):
     model.zero_grad(set_to_none=True)
 
 
+def baseline_gradnorm(tree: str):
+    """workloads.text.gradnorm of another checkout, imported as a separate package."""
+    name = "baseline_workloads"
+    if name not in sys.modules:
+        package = os.path.join(os.path.abspath(tree), "workloads")
+        spec = importlib.util.spec_from_file_location(name, os.path.join(package, "__init__.py"),
+                                                      submodule_search_locations=[package])
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.text.gradnorm")
+
+
 def runner(method, args):
+    if method == BASELINE:
+        baseline = baseline_gradnorm(args.baseline_tree).per_input_grad_norms
+        return lambda m, p, o, r: baseline(m, p, o, r)
     if method == "loop":
         return lambda m, p, o, r: per_input_grad_norms_loop(m, p, o, r)
     if method == "batched":
@@ -129,8 +151,12 @@ def runner(method, args):
     return run_floor
 
 
-def batched_settings(model, args) -> str:
-    """How the batched path chunks (this tree's production defaults unless overridden)."""
+def baseline_settings(model, args) -> str:
+    return batched_settings(model, args, baseline_gradnorm(args.baseline_tree))
+
+
+def batched_settings(model, args, gradnorm=gradnorm) -> str:
+    """How the batched path chunks (its tree's production defaults unless overridden)."""
     unsupported = gradnorm.batched_grad_norms_unsupported(model)
     if unsupported is not None:
         return f"falls back to the loop ({unsupported})"
@@ -193,22 +219,25 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     model, prompts, outputs, rewards = build(args)
-    functions = {method: runner(method, args) for method in METHODS}
+    methods = METHODS[:2] + ((BASELINE,) if args.baseline_tree else ()) + METHODS[2:]
+    functions = {method: runner(method, args) for method in methods}
 
     loop_norms = functions["loop"](model, prompts, outputs, rewards)  # warm-up, and the exactness check
     batched_norms = functions["batched"](model, prompts, outputs, rewards)
-    functions["floor"](model, prompts, outputs, rewards)
     relative = ((batched_norms - loop_norms).abs() / loop_norms.abs().clamp(min=1e-30)).max().item()
+    for method in methods[2:]:
+        functions[method](model, prompts, outputs, rewards)
 
-    seconds = {method: [] for method in METHODS}
+    seconds = {method: [] for method in methods}
     for _ in range(args.repeats):
-        for method in METHODS:
+        for method in methods:
             synchronize(args.device)
             tic = time.perf_counter()
             functions[method](model, prompts, outputs, rewards)
             synchronize(args.device)
             seconds[method].append(time.perf_counter() - tic)
-    memory = {method: peak_memory_mib(method, args) for method in METHODS}
+    load_after = os.getloadavg()
+    memory = {method: peak_memory_mib(method, args) for method in methods}
 
     device = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else \
         f"CPU, {os.cpu_count()} cores ({platform.machine()}), torch threads {args.threads}"
@@ -220,18 +249,26 @@ def main(argv=None) -> None:
           f"{args.repeats} repeats after a warm-up")
     print(f"batched path: {batched_settings(model, args)}; max relative difference of its norms from the loop's "
           f"{relative:.1e}")
-    print(f"load average (1 min) before / after the timed runs: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}")
+    if args.baseline_tree:
+        print(f"{BASELINE}: {baseline_settings(model, args)} ({os.path.abspath(args.baseline_tree)})")
+    print(f"load average (1 min) before / after the timed runs: {load_before[0]:.1f} / {load_after[0]:.1f}")
     print()
     median = {m: statistics.median(s) for m, s in seconds.items()}
     memory_kind = "peak CUDA MiB" if str(args.device).startswith("cuda") else "peak RSS MiB"
     print(f"| method | median s | min-max s | {memory_kind} |")
     print("| --- | --- | --- | --- |")
-    for method in METHODS:
+    for method in methods:
         print(f"| {method} | {median[method]:.3f} | {min(seconds[method]):.3f}-{max(seconds[method]):.3f} "
               f"| {memory[method]:.0f} |")
     print()
     print(f"batched / floor = {median['batched'] / median['floor']:.2f}x   "
-          f"loop / batched = {median['loop'] / median['batched']:.2f}x")
+          f"loop / batched = {median['loop'] / median['batched']:.2f}x   "
+          f"batched / loop = {median['batched'] / median['loop']:.2f}x")
+    print(f"peak memory batched / loop = {memory['batched'] / max(memory['loop'], 1e-9):.2f}x")
+    if args.baseline_tree:
+        print(f"{BASELINE} / floor = {median[BASELINE] / median['floor']:.2f}x   "
+              f"{BASELINE} / loop = {median[BASELINE] / median['loop']:.2f}x   "
+              f"peak memory {BASELINE} / loop = {memory[BASELINE] / max(memory['loop'], 1e-9):.2f}x")
 
 
 if __name__ == "__main__":
