@@ -158,7 +158,7 @@ def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: li
 
 NORM_FORMS = ("auto", "ghost", "explicit")
 _CHUNK_ELEMENTS = 1 << 25  # bound on a per-layer scratch tensor (n x n Grams or d_in x d_out per input)
-_ACTIVATION_FACTOR = 2.0  # saved activations per token / Σ (d_in + d_out) of the hooked layers (measured)
+_ACTIVATION_FACTOR = 2.0  # saved activations per token / Σ (d_in + d_out) of the hooked layers (an estimate)
 _MIN_BUDGET = 256 << 20
 # Relative cost of touching one element of the explicit form's d_in x d_out product (written by the
 # matmul, read back to square and sum) against one multiply-add, per device: on CPU these products
@@ -448,7 +448,7 @@ def _head_pass(head, hidden, targets, weights, counts, *, budget: int, norm_dtyp
     the logit gradients in closed form: (gradient at hidden [M, d], head's ||∇||² per input [G],
     Σ_σ z_σ[v] h_σ at the tied embedding's rows or None)."""
     weight, bias = head.weight, head.bias
-    num_inputs, (num_tokens, d), vocab = len(counts), hidden.shape, weight.shape[0]
+    num_inputs, d, vocab = len(counts), hidden.shape[1], weight.shape[0]
     device = hidden.device
     logit_dtype = torch.promote_types(hidden.dtype, torch.float32)  # as token_log_probs: softmax in >= fp32
     block = max(1, budget // (vocab * 3 * max(norm_dtype.itemsize, logit_dtype.itemsize)))
