@@ -2,6 +2,8 @@
 the floor (one ordinary batched backward over the same sequences).
 
     python benchmarks/bench_gradnorm.py                       # CPU: 2-layer 128-wide GPT-2, 32 inputs x K=8 x 48 tokens
+    python benchmarks/bench_gradnorm.py --model-size gpt2-small --inputs 8 --samples 8 --tokens 64 --repeats 3 --threads 2
+    python benchmarks/bench_gradnorm.py --model-size smollm2-135m --inputs 8 --samples 8 --tokens 64 --repeats 3 --threads 2
     python benchmarks/bench_gradnorm.py --device cuda --model-size gpt2-small --inputs 64   # on a GPU
 
 Times, in ONE process and interleaved (repeat r runs loop, batched, floor in
@@ -22,6 +24,8 @@ Also checks that the batched norms equal the loop's (relative difference printed
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -34,22 +38,27 @@ import sys
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from workloads.text import gradnorm  # noqa: E402
 from workloads.text.gradnorm import (  # noqa: E402
-    DEFAULT_MAX_SEQUENCES,
     leave_one_out_advantages,
     per_input_grad_norms,
     per_input_grad_norms_loop,
 )
 from workloads.text.models import token_log_probs  # noqa: E402
 
-MODEL_SIZES = {  # GPT-2 built from config, random init (no hub)
+MODEL_SIZES = {  # built from config, random init (no hub, no weights)
     "tiny": dict(n_layer=2, n_embd=128, n_head=4),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): Llama, tied embeddings
+    "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
 }
+DEFAULT_VOCAB = {"tiny": 53, "gpt2-small": 50257, "smollm2-135m": 49152}
 METHODS = ("loop", "batched", "floor")
+BASELINE = "batched@baseline"  # --baseline-tree: the batched path of another checkout, timed beside this one
 
 
 def parse_args(argv=None):
@@ -57,7 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-size", choices=MODEL_SIZES, default="tiny")
     parser.add_argument("--vocab", type=int, default=None,
-                        help="vocabulary size (default: 53, the built-in char tokenizer's, for tiny; 50257 for gpt2-small)")
+                        help="vocabulary size (default: 53, the built-in char tokenizer's, for tiny; 50257 for "
+                             "gpt2-small; 49152 for smollm2-135m)")
     parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8, help="K samples per input")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="longest prompt (prompts are 1/2 to all of it)")
@@ -66,18 +76,31 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-sequences", type=int, default=None,
-                        help="batched path: sequences per forward/backward (default: the production default, "
-                             "workloads.text.gradnorm.DEFAULT_MAX_SEQUENCES of the device)")
-    parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # the per-method subprocess
+                        help="batched path: at most this many sequences per forward/backward (default: the "
+                             "production default)")
+    parser.add_argument("--memory-budget-mib", type=int, default=None,
+                        help="batched path: its memory budget (default: the production default, "
+                             "workloads.text.gradnorm.default_memory_budget)")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="also time the batched path of another checkout of this repository (e.g. "
+                             "`git worktree add /tmp/before main`), interleaved with the others, as "
+                             f"{BASELINE!r}: before/after in one run")
+    parser.add_argument("--memory-of", choices=METHODS + (BASELINE,), help=argparse.SUPPRESS)  # the per-method subprocess
     return parser.parse_args(argv)
 
 
 def build(args):
     torch.manual_seed(0)
-    vocab = args.vocab or (53 if args.model_size == "tiny" else 50257)
-    config = GPT2Config(vocab_size=vocab, n_positions=max(128, args.tokens), resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, **MODEL_SIZES[args.model_size])
-    model = GPT2LMHeadModel(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    vocab = args.vocab or DEFAULT_VOCAB[args.model_size]
+    if args.model_size.startswith("smollm2"):
+        config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(2048, args.tokens), bos_token_id=0,
+                             eos_token_id=1, **MODEL_SIZES[args.model_size])
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=vocab, n_positions=max(128, args.tokens), resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, **MODEL_SIZES[args.model_size])
+        model = GPT2LMHeadModel(config)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     rng = random.Random(0)
     prompts, outputs = [], []
     output_tokens = args.tokens - args.prompt_tokens
@@ -102,12 +125,47 @@ def run_floor(model, prompts, outputs, rewards):
     model.zero_grad(set_to_none=True)
 
 
+def baseline_gradnorm(tree: str):
+    """workloads.text.gradnorm of another checkout, imported as a separate package."""
+    name = "baseline_workloads"
+    if name not in sys.modules:
+        package = os.path.join(os.path.abspath(tree), "workloads")
+        spec = importlib.util.spec_from_file_location(name, os.path.join(package, "__init__.py"),
+                                                      submodule_search_locations=[package])
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.text.gradnorm")
+
+
 def runner(method, args):
+    if method == BASELINE:
+        baseline = baseline_gradnorm(args.baseline_tree).per_input_grad_norms
+        return lambda m, p, o, r: baseline(m, p, o, r)
     if method == "loop":
         return lambda m, p, o, r: per_input_grad_norms_loop(m, p, o, r)
     if method == "batched":
-        return lambda m, p, o, r: per_input_grad_norms(m, p, o, r, max_sequences=args.max_sequences)
+        settings = {"max_sequences": args.max_sequences} if args.max_sequences else {}
+        if args.memory_budget_mib:
+            settings["memory_budget_bytes"] = args.memory_budget_mib << 20
+        return lambda m, p, o, r: per_input_grad_norms(m, p, o, r, **settings)
     return run_floor
+
+
+def baseline_settings(model, args) -> str:
+    return batched_settings(model, args, baseline_gradnorm(args.baseline_tree))
+
+
+def batched_settings(model, args, gradnorm=gradnorm) -> str:
+    """How the batched path chunks (its tree's production defaults unless overridden)."""
+    unsupported = gradnorm.batched_grad_norms_unsupported(model)
+    if unsupported is not None:
+        return f"falls back to the loop ({unsupported})"
+    if hasattr(gradnorm, "DEFAULT_MAX_SEQUENCES"):  # the fixed chunk before the memory budget
+        return f"{args.max_sequences or gradnorm.DEFAULT_MAX_SEQUENCES.get(torch.device(args.device).type)} " \
+               "sequences per forward/backward"
+    budget = (args.memory_budget_mib << 20) if args.memory_budget_mib else gradnorm.default_memory_budget(model)
+    return f"memory budget {budget / 2**20:.0f} MiB" + \
+        (f", at most {args.max_sequences} sequences per chunk" if args.max_sequences else "")
 
 
 def synchronize(device):
@@ -159,44 +217,58 @@ def main(argv=None) -> None:
     if args.memory_of:
         return memory_subprocess(args)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     model, prompts, outputs, rewards = build(args)
-    functions = {method: runner(method, args) for method in METHODS}
+    methods = METHODS[:2] + ((BASELINE,) if args.baseline_tree else ()) + METHODS[2:]
+    functions = {method: runner(method, args) for method in methods}
 
     loop_norms = functions["loop"](model, prompts, outputs, rewards)  # warm-up, and the exactness check
     batched_norms = functions["batched"](model, prompts, outputs, rewards)
-    functions["floor"](model, prompts, outputs, rewards)
     relative = ((batched_norms - loop_norms).abs() / loop_norms.abs().clamp(min=1e-30)).max().item()
+    for method in methods[2:]:
+        functions[method](model, prompts, outputs, rewards)
 
-    seconds = {method: [] for method in METHODS}
+    seconds = {method: [] for method in methods}
     for _ in range(args.repeats):
-        for method in METHODS:
+        for method in methods:
             synchronize(args.device)
             tic = time.perf_counter()
             functions[method](model, prompts, outputs, rewards)
             synchronize(args.device)
             seconds[method].append(time.perf_counter() - tic)
-    memory = {method: peak_memory_mib(method, args) for method in METHODS}
+    load_after = os.getloadavg()
+    memory = {method: peak_memory_mib(method, args) for method in methods}
 
     device = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else \
         f"CPU, {os.cpu_count()} cores ({platform.machine()}), torch threads {args.threads}"
     params = sum(p.numel() for p in model.parameters())
     print(f"device: {device}; torch {torch.__version__}")
-    print(f"model: GPT-2 {args.model_size} from config ({params / 1e6:.2f}M params, vocab {model.config.vocab_size}, "
+    family = "Llama" if args.model_size.startswith("smollm2") else "GPT-2"
+    print(f"model: {family} {args.model_size} from config ({params / 1e6:.2f}M params, vocab {model.config.vocab_size}, "
           f"{args.dtype}); {args.inputs} inputs x K={args.samples} x {args.tokens} tokens (padded width); "
           f"{args.repeats} repeats after a warm-up")
-    print(f"batched path: {args.max_sequences or DEFAULT_MAX_SEQUENCES.get(torch.device(args.device).type)} "
-          f"sequences per forward/backward; max relative difference of its norms from the loop's {relative:.1e}")
+    print(f"batched path: {batched_settings(model, args)}; max relative difference of its norms from the loop's "
+          f"{relative:.1e}")
+    if args.baseline_tree:
+        print(f"{BASELINE}: {baseline_settings(model, args)} ({os.path.abspath(args.baseline_tree)})")
+    print(f"load average (1 min) before / after the timed runs: {load_before[0]:.1f} / {load_after[0]:.1f}")
     print()
     median = {m: statistics.median(s) for m, s in seconds.items()}
     memory_kind = "peak CUDA MiB" if str(args.device).startswith("cuda") else "peak RSS MiB"
     print(f"| method | median s | min-max s | {memory_kind} |")
     print("| --- | --- | --- | --- |")
-    for method in METHODS:
+    for method in methods:
         print(f"| {method} | {median[method]:.3f} | {min(seconds[method]):.3f}-{max(seconds[method]):.3f} "
               f"| {memory[method]:.0f} |")
     print()
     print(f"batched / floor = {median['batched'] / median['floor']:.2f}x   "
-          f"loop / batched = {median['loop'] / median['batched']:.2f}x")
+          f"loop / batched = {median['loop'] / median['batched']:.2f}x   "
+          f"batched / loop = {median['batched'] / median['loop']:.2f}x")
+    print(f"peak memory batched / loop = {memory['batched'] / max(memory['loop'], 1e-9):.2f}x")
+    if args.baseline_tree:
+        print(f"{BASELINE} / floor = {median[BASELINE] / median['floor']:.2f}x   "
+              f"{BASELINE} / loop = {median[BASELINE] / median['loop']:.2f}x   "
+              f"peak memory {BASELINE} / loop = {memory[BASELINE] / max(memory['loop'], 1e-9):.2f}x")
 
 
 if __name__ == "__main__":

