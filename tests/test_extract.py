@@ -166,3 +166,29 @@ def test_every_statistic_recomputes_from_the_stored_token_ids(tmp_path, model):
         recomputed = per_input_grad_norms_loop(policy, [prompt], [outputs], rewards)
         assert recomputed.item() == pytest.approx(inputs.loc[input_id, "grad_norm"], rel=1e-6, abs=1e-9)
     assert samples.model.eq(model).all() and inputs.model.eq(model).all()
+
+
+def test_grad_norm_of_names_the_distribution_differentiated(tmp_path):
+    """At T = 2 the same samples give different norms for sampling_policy (softmax(logits / 2))
+    and model (T = 1); each equals the loop at its own temperature."""
+    import torch
+
+    from workloads.text.gradnorm import per_input_grad_norms_loop
+    from workloads.text.models import load_model_and_tokenizer
+
+    norms = {}
+    for of in ("sampling_policy", "model"):
+        config = tiny_config(grad_norm_of=of, grad_norm_dtype="float64", generation={"max_new_tokens": 8, "temperature": 2.0})
+        run_extract(config, local_context(str(tmp_path / of), show_progress=False))
+        norms[of] = read(tmp_path / of, "inputs").sort_values("input_id").set_index("input_id")
+        samples = read(tmp_path / of, "samples").sort_values(["input_id", "sample_idx"])
+    moving = norms["model"].grad_norm > 0
+    assert moving.any() and not np.allclose(norms["model"].grad_norm[moving], norms["sampling_policy"].grad_norm[moving])
+    policy, _ = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
+    group = samples[samples.input_id == norms["model"].index[moving.to_numpy()][0]]
+    prompt = [int(t) for t in group.prompt_token_ids.iloc[0]]
+    outputs = [[int(t) for t in ids] for ids in group.output_token_ids]
+    rewards = torch.tensor(group.reward.to_numpy(), dtype=torch.float64).view(1, K)
+    for of, temperature in (("sampling_policy", 2.0), ("model", 1.0)):
+        expected = per_input_grad_norms_loop(policy.eval(), [prompt], [outputs], rewards, temperature=temperature)
+        assert expected.item() == pytest.approx(norms[of].loc[group.input_id.iloc[0], "grad_norm"], rel=1e-6)

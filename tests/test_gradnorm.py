@@ -281,3 +281,31 @@ def test_unknown_norm_or_logit_step_falls_back_to_the_loop(monkeypatch):
 
     monkeypatch.setattr(type(llama), "forward", scaled_forward)
     assert "lm_head" in batched_grad_norms_unsupported(llama)
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
+def test_grad_norm_at_the_sampling_temperature(name):
+    """grad_norm_of: sampling_policy takes ∇ log softmax(logits / T): checked against an
+    unpadded per-sample computation at T = 2 written here, batched against the loop."""
+    model, tokenizer = load_model_and_tokenizer(name, dtype=torch.float64)
+    model.eval()
+    prompts, outputs, rewards = random_groups(tokenizer, num_inputs=4, K=3, seed=5)
+    T = 2.0
+    loop = per_input_grad_norms_loop(model, prompts, outputs, torch.tensor(rewards), temperature=T)
+    for i in range(2):
+        model.zero_grad()
+        for k in range(3):
+            baseline = sum(rewards[i][j] for j in range(3) if j != k) / 2
+            if model.config.is_encoder_decoder:
+                decoder = torch.tensor([[model.config.decoder_start_token_id] + outputs[i][k][:-1]])
+                logits = model(input_ids=torch.tensor([prompts[i]]), decoder_input_ids=decoder).logits[0]
+            else:
+                logits = model(input_ids=torch.tensor([prompts[i] + outputs[i][k]])).logits[0, len(prompts[i]) - 1 : -1]
+            log_prob = torch.log_softmax(logits / T, dim=-1).gather(-1, torch.tensor(outputs[i][k])[:, None]).sum()
+            ((rewards[i][k] - baseline) / 3 * log_prob).backward()
+        by_hand = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters() if p.grad is not None))
+        assert loop[i].item() == pytest.approx(by_hand, rel=1e-6)
+    at_one = per_input_grad_norms_loop(model, prompts, outputs, torch.tensor(rewards))
+    assert not torch.allclose(loop[:3], at_one[:3])  # the temperature changes the norm
+    batched = per_input_grad_norms(model, prompts, outputs, torch.tensor(rewards), temperature=T)
+    np.testing.assert_allclose(batched.numpy(), loop.numpy(), rtol=1e-6, atol=0)

@@ -49,6 +49,22 @@ def check_task_data(task: str, dataset_path: str | None) -> None:
         check_dataset_available(task, grue.GRUE_TASKS[task].hub_id, dataset_path)
 
 
+# What a per-input gradient norm differentiates (issue: samples come from a modified
+# distribution -- temperature, top-k, top-p, min_new_tokens -- while ∇ log π may be taken
+# of the model itself). One field, the same in every workload that measures norms.
+GradNormOf = Literal["sampling_policy", "model"]
+GRAD_NORM_OF = (
+    "whose log-probabilities the per-input gradient norm differentiates: sampling_policy = "
+    "softmax(logits / generation.temperature), the policy RL4LMs trains (forward_policy divides by T), "
+    "whose expected-reward gradient the estimate is unbiased for when top_k = 0, top_p = 1 and "
+    "min_new_tokens = 0; model = the model at T = 1, the same only at temperature 1")
+
+
+def grad_norm_temperature(grad_norm_of: str, generation: "GenerationConfig") -> float:
+    """The temperature of the distribution a gradient norm is taken of."""
+    return generation.temperature if grad_norm_of == "sampling_policy" else 1.0
+
+
 class GenerationConfig(StrictConfig):
     """Sampling settings of extraction and of PPO rollouts (RL4LMs `generation_kwargs`)."""
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.context import WorkloadContext
+from .config import grad_norm_temperature
 from .extract_config import ExtractConfig
 from .gradnorm import per_input_grad_norms
 from .models import load_model_and_tokenizer, sequence_log_probs
@@ -115,7 +116,8 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
         # all the shard's inputs in one call: it runs one forward/backward per chunk of
         # sequences, taking the inputs in length order (bucketed like the generation batches)
         in_length_order = per_input_grad_norms(grad_model, [prompts.ids[j] for j in by_length],
-                                               [outputs_of[j] for j in by_length], scored.reward_matrix[by_length])
+                                               [outputs_of[j] for j in by_length], scored.reward_matrix[by_length],
+                                               temperature=grad_norm_temperature(config.grad_norm_of, gen))
         for j, norm in zip(by_length, in_length_order.tolist()):
             grad_norms[j] = norm
     seconds["grad_norm"] += time.perf_counter() - tic

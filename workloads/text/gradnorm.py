@@ -46,7 +46,7 @@ def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: list[list[list[int]]],
-                              rewards: torch.Tensor) -> torch.Tensor:
+                              rewards: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """||ĝ(x)|| for each input, one backward per input: the slow, obviously-correct
     reference of `per_input_grad_norms` (same arguments, same result), and its
     path for models the batched path does not cover (seq2seq, see there).
@@ -57,7 +57,10 @@ def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: li
 
     One backward per input, its K samples batched in one forward: the gradient
     of the surrogate (1/K) Σ_k A_k log π(y_k|x) with the advantages A_k held
-    constant is exactly ĝ(x). The caller puts the model in eval mode (no dropout).
+    constant is exactly ĝ(x). The policy is softmax(logits / temperature): 1 is the
+    model itself, the sampling temperature the distribution RL4LMs trains (see
+    `grad_norm_of` in the workload configs). The caller puts the model in eval mode
+    (no dropout).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     advantages = leave_one_out_advantages(torch.as_tensor(rewards, dtype=torch.float64))
@@ -65,7 +68,7 @@ def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: li
     for i, (prompt, outputs) in enumerate(zip(prompt_ids, output_ids, strict=True)):
         if not advantages[i].any():  # all K rewards equal: ĝ(x) = 0 exactly, skip the backward
             continue
-        log_probs = sequence_log_probs(model, [prompt] * len(outputs), outputs)
+        log_probs = sequence_log_probs(model, [prompt] * len(outputs), outputs, temperature)
         surrogate = (advantages[i].to(device=log_probs.device, dtype=log_probs.dtype) * log_probs).mean()
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
         squared = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads if g is not None)
@@ -169,7 +172,8 @@ _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def per_input_grad_norms(model, prompt_ids: list[list[int]], output_ids: list[list[list[int]]],
                          rewards: torch.Tensor, *, memory_budget_bytes: int | None = None,
-                         max_sequences: int | None = None, norm_form: str = "auto") -> torch.Tensor:
+                         max_sequences: int | None = None, norm_form: str = "auto",
+                         temperature: float = 1.0) -> torch.Tensor:
     """||ĝ(x)|| for each input: a float64 tensor [num_inputs]; the production path.
 
     Same arguments and result as `per_input_grad_norms_loop` (one backward per
@@ -188,7 +192,7 @@ def per_input_grad_norms(model, prompt_ids: list[list[int]], output_ids: list[li
     if norm_form not in NORM_FORMS:
         raise ValueError(f"norm_form must be one of {NORM_FORMS}, not {norm_form!r}")
     if batched_grad_norms_unsupported(model) is not None:
-        return per_input_grad_norms_loop(model, prompt_ids, output_ids, rewards)
+        return per_input_grad_norms_loop(model, prompt_ids, output_ids, rewards, temperature)
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     advantages = leave_one_out_advantages(rewards)
     grad_norms = torch.zeros(len(prompt_ids), dtype=torch.float64)
@@ -200,7 +204,8 @@ def per_input_grad_norms(model, prompt_ids: list[list[int]], output_ids: list[li
         chunk = [active[j] for j in chunk]
         squared = _batched_squared_grad_norms(model, [prompt_ids[i] for i in chunk],
                                               [output_ids[i] for i in chunk], advantages[chunk],
-                                              head_budget=budget // 2, norm_form=norm_form)
+                                              head_budget=budget // 2, norm_form=norm_form,
+                                              temperature=temperature)
         grad_norms[chunk] = squared.clamp(min=0).sqrt()  # the identities can round a true 0 to -1e-30
     return grad_norms
 
@@ -443,7 +448,7 @@ class _IdsByInput:
 
 
 def _head_pass(head, hidden, targets, weights, counts, *, budget: int, norm_dtype, norm_form: str,
-               tied_rows: _IdsByInput | None, trainable: set[int]):
+               tied_rows: _IdsByInput | None, trainable: set[int], temperature: float = 1.0):
     """The LM head over the selected hidden states [M, d] (input-major, counts[i] tokens of input i),
     the logit gradients in closed form: (gradient at hidden [M, d], head's ||∇||² per input [G],
     Σ_σ z_σ[v] h_σ at the tied embedding's rows or None)."""
@@ -466,9 +471,10 @@ def _head_pass(head, hidden, targets, weights, counts, *, budget: int, norm_dtyp
     def logit_grads(t0: int, t1: int) -> torch.Tensor:
         """z for tokens t0..t1-1 (norm dtype); writes their gradient at hidden."""
         logits = nn.functional.linear(hidden[t0:t1], weight, bias)
-        z = torch.softmax(logits.to(logit_dtype), dim=-1)
+        # d log softmax(l / T)[y] / d l = (onehot(y) - softmax(l / T)) / T
+        z = torch.softmax(logits.to(logit_dtype) / temperature, dim=-1)
         del logits
-        w = weights[t0:t1].to(device=device, dtype=logit_dtype)
+        w = weights[t0:t1].to(device=device, dtype=logit_dtype) / temperature
         z.mul_(-w[:, None])
         z[torch.arange(t1 - t0, device=device), targets[t0:t1]] += w
         grad_hidden[t0:t1] = z.to(hidden.dtype) @ weight
@@ -590,7 +596,7 @@ class _LayerGradients:
 
 
 def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, head_budget: int,
-                                norm_form: str = "auto") -> torch.Tensor:
+                                norm_form: str = "auto", temperature: float = 1.0) -> torch.Tensor:
     """||ĝ(x_i)||² for the given inputs (all with some nonzero advantage), one forward + one backward."""
     num_inputs, num_samples = advantages.shape
     flat_prompts = [p for p, outputs in zip(prompt_ids, output_ids, strict=True) for _ in outputs]
@@ -632,7 +638,8 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
                 grad_hidden, head_squared, head_rows = _head_pass(
                     head, hidden.detach(), targets, token_weights, counts, budget=head_budget,
                     norm_dtype=norm_dtype, norm_form=norm_form,
-                    tied_rows=layers.ids_of.get(input_embedding), trainable=trainable)
+                    tied_rows=layers.ids_of.get(input_embedding), trainable=trainable,
+                    temperature=temperature)
             layers.add(head_squared)
             leaf_grads = torch.autograd.grad(hidden, list(layers.embedding_outputs.values()),
                                              grad_outputs=grad_hidden, allow_unused=True)

@@ -57,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..core.context import WorkloadContext
+from .config import grad_norm_temperature
 from .gradnorm import per_input_grad_norms, reward_stats
 from .grpo_config import GRPOConfig
 from .models import load_model_and_tokenizer, token_log_probs
@@ -335,8 +336,9 @@ def record(run: GRPORun, step: int, groups: list[Group], shard: str) -> list[dic
                               [t for g in groups for t in g.scored.texts], [r for g in groups for r in g.scored.rewards])
     grad_norms = [None] * len(groups)
     if config.monitor_grad_norm:
-        grad_norms = per_input_grad_norms(run.policy, prompts.ids, scored.outputs_by_input(),
-                                          scored.reward_matrix).tolist()
+        grad_norms = per_input_grad_norms(run.policy, prompts.ids, scored.outputs_by_input(), scored.reward_matrix,
+                                          temperature=grad_norm_temperature(config.grad_norm_of,
+                                                                            config.generation)).tolist()
     with torch.no_grad():
         log_probs, _ = token_log_probs(run.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs)
     sample_rows, input_rows = table_rows(step, [g.example for g in groups], prompts, scored,

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from ..core.config import REWARD_STD_THRESHOLDS, Thresholds
-from .config import GenerationConfig, TextTaskConfig
+from .config import GRAD_NORM_OF, GenerationConfig, GradNormOf, TextTaskConfig
 
 VARIANTS = ("grpo", "dr_grpo", "rloo", "dapo")
 DAPO_EPSILON_HIGH = 0.28  # DAPO (Yu et al. 2025) clip-higher default
@@ -61,6 +61,7 @@ class GRPOConfig(TextTaskConfig):
     history_window: int = Field(2, ge=0, description="observations per prompt kept for the running estimates (p for variance selection, zero-std streak for skipping); 0 = none")
     # bookkeeping and the monitor
     seed: int = Field(0, description="seed of prompt choice and sampling")
+    grad_norm_of: GradNormOf = Field("sampling_policy", description=GRAD_NORM_OF)
     monitor_grad_norm: bool = Field(True, description="per-prompt leave-one-out gradient norm of every sampled group (workloads.text.gradnorm)")
     reward_std_thresholds: Thresholds = Field(list(REWARD_STD_THRESHOLDS), description="monitor buckets by initial reward std at these edges")
     checkpoint_every_steps: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")

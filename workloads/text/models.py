@@ -213,21 +213,25 @@ def output_logits(model, prompt_ids: list[list[int]], output_ids: list[list[int]
     return logits, outputs, output_mask, hidden
 
 
-def token_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]]):
-    """log pi(o_t | prompt, o_<t) for every output token, padded: (log_probs [B, T], mask [B, T]).
+def token_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]], temperature: float = 1.0):
+    """log pi(o_t | prompt, o_<t) for every output token, padded: (log_probs [B, T], mask [B, T]),
+    with pi = softmax(logits / temperature).
 
     Used for the `log_prob` column, for the policy-gradient surrogate and for
     the SFT loss (alignment: `output_logits`).
     """
     logits, outputs, output_mask, _ = output_logits(model, prompt_ids, output_ids)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax of half logits in fp32
+    if temperature != 1.0:
+        logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, outputs.unsqueeze(-1)).squeeze(-1)
     return log_probs * output_mask, output_mask
 
 
-def sequence_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]]) -> torch.Tensor:
+def sequence_log_probs(model, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                       temperature: float = 1.0) -> torch.Tensor:
     """log pi(y|x) = sum over output tokens (EOS included, nothing after it), one per row: [B]."""
-    log_probs, _ = token_log_probs(model, prompt_ids, output_ids)
+    log_probs, _ = token_log_probs(model, prompt_ids, output_ids, temperature)
     return log_probs.sum(dim=1)
 
 

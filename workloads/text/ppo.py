@@ -66,6 +66,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..core.context import WorkloadContext
+from .config import grad_norm_temperature
 from .gradnorm import per_input_grad_norms, reward_stats
 from .models import load_model_and_tokenizer, output_logits, sequence_log_probs, token_log_probs
 from .nlpo import ActionMasker
@@ -299,7 +300,9 @@ class PPORun:
         """Each input's leave-one-out policy-gradient norm (workloads.text.gradnorm), or None when off."""
         if not self.config.monitor_grad_norm:
             return [None] * len(prompts.ids)
-        return per_input_grad_norms(self.lm, prompts.ids, scored.outputs_by_input(), scored.reward_matrix).tolist()
+        temperature = grad_norm_temperature(self.config.grad_norm_of, self.config.generation)
+        return per_input_grad_norms(self.lm, prompts.ids, scored.outputs_by_input(), scored.reward_matrix,
+                                    temperature=temperature).tolist()
 
 
 def optimizer_for(model: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
