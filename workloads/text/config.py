@@ -60,6 +60,14 @@ GRAD_NORM_OF = (
     "min_new_tokens = 0; model = the model at T = 1, the same only at temperature 1")
 
 
+ModelDType = Literal["float32", "bfloat16", "auto"]
+MODEL_DTYPE = (
+    "dtype of the models a workload samples (and, for RL, trains) with: auto = bfloat16 on a GPU that "
+    "supports it or a CPU with native bf16 instructions, float32 elsewhere (workloads.text.models.resolve_dtype); "
+    "default float32 keeps every stored log-prob and gradient norm exact and comparable across machines "
+    "(the reference trains in float32); auto is faster. Extraction takes gradient norms in grad_norm_dtype")
+
+
 def grad_norm_temperature(grad_norm_of: str, generation: "GenerationConfig") -> float:
     """The temperature of the distribution a gradient norm is taken of."""
     return generation.temperature if grad_norm_of == "sampling_policy" else 1.0

@@ -35,7 +35,7 @@ def shard_name(first: int, last: int) -> str:
 
 
 def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
-    model, tokenizer = load_model_and_tokenizer(config.model, ctx.device)
+    model, tokenizer = load_model_and_tokenizer(config.model, ctx.device, config.dtype)
     model.eval()  # no dropout while sampling nor in the gradients
     grad_dtype = getattr(torch, config.grad_norm_dtype)
     # gradients may need more precision than sampling: a copy in grad_norm_dtype

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..core.config import REWARD_STD_THRESHOLDS, Thresholds
-from .config import GRAD_NORM_OF, GenerationConfig, GradNormOf, TextTaskConfig
+from .config import GRAD_NORM_OF, MODEL_DTYPE, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig
 
 
 class ExtractConfig(TextTaskConfig):
@@ -26,6 +26,7 @@ class ExtractConfig(TextTaskConfig):
     generation: GenerationConfig = Field(GenerationConfig(), description="sampling settings")
     batch_size: int = Field(16, ge=1, description="prompts per generate() call, each with K sequences")
     compute_grad_norm: bool = Field(True, description="measure each input's leave-one-out policy-gradient norm")
+    dtype: ModelDType = Field("float32", description=MODEL_DTYPE)
     grad_norm_of: GradNormOf = Field("sampling_policy", description=GRAD_NORM_OF)
     grad_norm_dtype: Literal["float32", "float64"] = Field("float32", description="precision of the gradient-norm pass")
     shard_size: int = Field(256, ge=1, description="inputs per Parquet shard: the unit of resumption")

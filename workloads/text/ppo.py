@@ -329,10 +329,10 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     device = torch.device(ctx.device)
     resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
-    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device)
+    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device, config.dtype)
     value_lm, _ = load_model_and_tokenizer(os.path.join(ctx.resume_from, VALUE_MODEL_DIR) if resuming
-                                           else config.model, device)
-    reference, _ = load_model_and_tokenizer(config.model, device)  # π_ref = the initial policy, always
+                                           else config.model, device, config.dtype)
+    reference, _ = load_model_and_tokenizer(config.model, device, config.dtype)  # π_ref = the initial policy
     reference.eval().requires_grad_(False)
     actor_critic = ActorCritic(lm, value_lm, config.generation.temperature).to(device)
     actor_critic.eval()  # dropout off: see the module docstring
@@ -653,7 +653,7 @@ def load_checkpoint(run: PPORun, directory: str) -> None:
 
     run.actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
     if run.masker:
-        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device)
+        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device, run.config.dtype)
         run.masker.refresh(mask_lm)
     run.optimizer.load_state_dict(load(OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE)) as f:
