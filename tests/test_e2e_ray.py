@@ -68,6 +68,14 @@ def test_quickstart_pipeline_through_ray(tmp_path):
     assert samples.num_rows == 2 * NUM_INPUTS * K
     keys = {(r["trial"], r["input_id"], r["sample_idx"]) for r in samples.select(["trial", "input_id", "sample_idx"]).to_pylist()}
     assert len(keys) == samples.num_rows
+    # the model column names what a user can find again: the SFT trial and its checkpoint URI,
+    # never the worker's temporary copy of it
+    checkpoint_of = {t["trial"]: t["checkpoint"] for t in sft}
+    parent_of = {t["trial"]: t["parent_trial"] for t in extract}
+    for trial, model in {(r["trial"], r["model"]) for r in samples.select(["trial", "model"]).to_pylist()}:
+        parent = parent_of[trial]
+        assert model.startswith(f"@sft/{parent} ") and "checkpoint_tmp" not in model, model
+        assert os.path.basename(model.split(" ", 1)[1]) == os.path.basename(checkpoint_of[parent])
     # both Train workers wrote shards
     shard_dir = os.path.join(results, "mini", "samples", "extract", extract[0]["trial"])
     assert len([f for f in os.listdir(shard_dir) if f.endswith(".parquet")]) == NUM_INPUTS // 4
