@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,6 +70,18 @@ class WorkloadContext:
             self.flush_metrics()
         if self.report_fn is not None:
             self.report_fn(metrics, checkpoint_dir)
+
+    def report_checkpoint(self, metrics: dict, save: Callable[[str], None]) -> None:
+        """Report with a checkpoint that `save(directory)` writes on rank 0 (the other ranks
+        hand over none); the temporary directory is gone once Ray (or the local context)
+        has copied it."""
+        directory = tempfile.mkdtemp(prefix="rlgrad-checkpoint-")
+        try:
+            if self.is_main:
+                save(directory)
+            self.report(metrics, checkpoint_dir=directory if self.is_main else None)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def flush_metrics(self) -> None:
         if not self._metric_rows:

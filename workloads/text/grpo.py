@@ -46,8 +46,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -592,18 +590,15 @@ def grpo_step(run: GRPORun, step: int) -> dict:
 # ============================================================================
 
 
-def save_checkpoint(run: GRPORun, step: int) -> str:
-    directory = tempfile.mkdtemp(prefix="rlgrad-grpo-")
-    if run.ctx.is_main:
-        run.policy.save_pretrained(directory)
-        run.tokenizer.save_pretrained(directory)
-        torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump({"step": step, "totals": run.totals,
-                       "history": {str(k): v for k, v in run.history.items()},
-                       "initial_std": {str(k): v for k, v in run.initial_std.items()},
-                       "initial_reward": {str(k): v for k, v in run.initial_reward.items()}}, f)
-    return directory
+def save_checkpoint(run: GRPORun, step: int, directory: str) -> None:
+    run.policy.save_pretrained(directory)
+    run.tokenizer.save_pretrained(directory)
+    torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"step": step, "totals": run.totals,
+                   "history": {str(k): v for k, v in run.history.items()},
+                   "initial_std": {str(k): v for k, v in run.initial_std.items()},
+                   "initial_reward": {str(k): v for k, v in run.initial_reward.items()}}, f)
 
 
 def load_checkpoint(run: GRPORun, directory: str) -> None:
@@ -618,10 +613,11 @@ def load_checkpoint(run: GRPORun, directory: str) -> None:
 
 
 def report(run: GRPORun, metrics: dict, checkpoint_step: int | None) -> None:
-    directory = save_checkpoint(run, checkpoint_step) if checkpoint_step is not None else None
-    run.ctx.report(metrics, checkpoint_dir=directory if run.ctx.is_main else None)
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
+    """Every rank reports once; rank 0 hands over a checkpoint when one is due."""
+    if checkpoint_step is None:
+        run.ctx.report(metrics)
+    else:
+        run.ctx.report_checkpoint(metrics, lambda directory: save_checkpoint(run, checkpoint_step, directory))
 
 
 # ============================================================================

@@ -54,8 +54,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -629,21 +627,18 @@ def log_reward_by_initial_std(run: PPORun, step: int, rows: list[dict]) -> None:
 # ============================================================================
 
 
-def save_checkpoint(run: PPORun, step: int) -> str:
-    """Rank 0 fills a fresh directory; the others return an empty one (they hand over none)."""
-    directory = tempfile.mkdtemp(prefix="rlgrad-ppo-")
-    if run.ctx.is_main:
-        run.lm.save_pretrained(directory)
-        run.tokenizer.save_pretrained(directory)
-        run.actor_critic.value_lm.save_pretrained(os.path.join(directory, VALUE_MODEL_DIR))
-        if run.masker:
-            run.masker.model.save_pretrained(os.path.join(directory, MASK_MODEL_DIR))
-        torch.save(run.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
-        torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump({"step": step, "kl_coef": run.kl_coef,
-                       "initial_monitor_std": {str(k): v for k, v in run.initial_monitor_std.items()}}, f)
-    return directory
+def save_checkpoint(run: PPORun, step: int, directory: str) -> None:
+    """Weights + tokenizer (loadable by every workload), the critic, optimiser and controller state."""
+    run.lm.save_pretrained(directory)
+    run.tokenizer.save_pretrained(directory)
+    run.actor_critic.value_lm.save_pretrained(os.path.join(directory, VALUE_MODEL_DIR))
+    if run.masker:
+        run.masker.model.save_pretrained(os.path.join(directory, MASK_MODEL_DIR))
+    torch.save(run.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
+    torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"step": step, "kl_coef": run.kl_coef,
+                   "initial_monitor_std": {str(k): v for k, v in run.initial_monitor_std.items()}}, f)
 
 
 def load_checkpoint(run: PPORun, directory: str) -> None:
@@ -664,10 +659,10 @@ def load_checkpoint(run: PPORun, directory: str) -> None:
 
 def report(run: PPORun, metrics: dict, checkpoint_step: int | None) -> None:
     """Every rank reports once; rank 0 hands over a checkpoint when one is due."""
-    directory = save_checkpoint(run, checkpoint_step) if checkpoint_step is not None else None
-    run.ctx.report(metrics, checkpoint_dir=directory if run.ctx.is_main else None)
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
+    if checkpoint_step is None:
+        run.ctx.report(metrics)
+    else:
+        run.ctx.report_checkpoint(metrics, lambda directory: save_checkpoint(run, checkpoint_step, directory))
 
 
 # ============================================================================

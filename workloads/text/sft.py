@@ -31,8 +31,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 
@@ -125,14 +123,13 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
         "train_samples_per_s": (total_steps - start_step) * config.batch_size / train_seconds if train_seconds else 0.0,
     }
     # weights + tokenizer + steps done, so the next stage (or a retry) loads this directory
-    checkpoint_dir = tempfile.mkdtemp(prefix="rlgrad-sft-")
-    if ctx.is_main:
-        unwrap(model).save_pretrained(checkpoint_dir)
-        tokenizer.save_pretrained(checkpoint_dir)
-        with open(os.path.join(checkpoint_dir, TRAINER_STATE), "w") as f:
+    def save(directory: str) -> None:
+        unwrap(model).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        with open(os.path.join(directory, TRAINER_STATE), "w") as f:
             json.dump({"step": total_steps}, f)
-    ctx.report(final_metrics, checkpoint_dir=checkpoint_dir if ctx.is_main else None)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    ctx.report_checkpoint(final_metrics, save)
     return final_metrics
 
 
