@@ -163,14 +163,7 @@ def measure(model: nn.Module, objective: Objective, config: ControlledConfig, da
             (terms.sum() / n).backward()  # accumulates grad of the group mean
             with torch.no_grad():
                 rewards = objective.train_rewards[index]
-                targets = data.train_labels[index]
-                if config.use_label_sets:  # pretraining: CE to uniform over the set; hit = argmax in the set
-                    sets = data.train_label_sets[index]
-                    loss = -log_probs.gather(1, sets).mean(-1)
-                    hit = (sets == log_probs.argmax(-1, keepdim=True)).any(-1)
-                else:
-                    loss = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-                    hit = log_probs.argmax(-1) == targets
+                loss, hit = _loss_and_hits(config, data, index, log_probs)
                 sums["objective"] += terms.sum().item()
                 sums["loss"] += loss.sum().item()
                 sums["accuracy"] += hit.float().sum().item()
@@ -195,18 +188,22 @@ def measure(model: nn.Module, objective: Objective, config: ControlledConfig, da
     return results
 
 
+def _loss_and_hits(config: ControlledConfig, data: ControlledData, index: torch.Tensor,
+                   log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input of `index`: its supervised loss and whether the policy's argmax is right.
+    Pretraining (label sets): cross-entropy to uniform over the set, a hit is an argmax in the set."""
+    if config.use_label_sets:
+        sets = data.train_label_sets[index]
+        return -log_probs.gather(1, sets).mean(-1), (sets == log_probs.argmax(-1, keepdim=True)).any(-1)
+    targets = data.train_labels[index]
+    return -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1), log_probs.argmax(-1) == targets
+
+
 def _group_metrics(config: ControlledConfig, data: ControlledData, index: torch.Tensor, terms: torch.Tensor,
                    log_probs: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
     """Means over `index` of what `measure` reports per group, from one forward pass."""
     with torch.no_grad():
-        targets = data.train_labels[index]
-        if config.use_label_sets:
-            sets = data.train_label_sets[index]
-            loss = -log_probs.gather(1, sets).mean(-1)
-            hit = (sets == log_probs.argmax(-1, keepdim=True)).any(-1)
-        else:
-            loss = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-            hit = log_probs.argmax(-1) == targets
+        loss, hit = _loss_and_hits(config, data, index, log_probs)
         return {"objective": terms.mean().item(), "loss": loss.mean().item(), "accuracy": hit.float().mean().item(),
                 "reward": expected_reward(log_probs, rewards).mean().item(),
                 "reward_std": reward_std(log_probs, rewards).mean().item()}
