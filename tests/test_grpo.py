@@ -216,3 +216,77 @@ def test_tiny_grpo_raises_reward(tmp_path):
     metrics, ctx, inputs = run(tmp_path, "learn", model=sft_ctx.checkpoint_path, **LEARNS)
     by_step = inputs.groupby("step").reward_mean.mean()
     assert by_step[LEARNS["num_steps"]] > by_step[0] + 0.03, by_step.to_dict()
+
+
+# ---------------------------------------------------------------- two ranks (DDP)
+
+
+def _scripted_sample_and_score(model, tokenizer, reward_fn, prompts, num_samples, gen, logits_processor_factory=None):
+    """Completions and rewards fixed by the prompt's token ids (no RNG): the same groups
+    whichever rank samples a prompt, so one process and two ranks train on the same data."""
+    from workloads.text.rewards import Reward
+    from workloads.text.sampling import ScoredSamples
+
+    outputs, rewards = [], []
+    for ids in prompts.ids:
+        for k in range(num_samples):
+            length = 2 + (sum(ids) + k) % 5
+            outputs.append([(ids[(k + t) % len(ids)] + t) % 40 + 3 for t in range(length)])
+            rewards.append(Reward(float((sum(ids) * (k + 1)) % 3 == 0)))
+    return ScoredSamples.of(num_samples, outputs, tokenizer.batch_decode(outputs), rewards)
+
+
+DDP = dict(TINY, num_train_inputs=8, inputs_per_step=4, num_steps=2, minibatch_size=64)
+
+
+def _grpo_rank(rank, world_size, tmp, variant):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    grpo.sample_and_score = _scripted_sample_and_score
+    clip = torch.nn.utils.clip_grad_norm_
+    grads = []
+
+    def recording_clip(parameters, *args, **kwargs):  # the gradient each optimiser step applies
+        parameters = list(parameters)
+        grads.append(torch.cat([p.grad.flatten() for p in parameters if p.grad is not None]).clone())
+        return clip(parameters, *args, **kwargs)
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
+    ctx = local_context(str(tmp / "results"), show_progress=False)
+    ctx.rank, ctx.world_size = rank, world_size
+    grpo.run_grpo(GRPOConfig.model_validate({**DDP, "variant": variant}), ctx)
+    torch.save({"grads": grads, "reported": ctx.reported}, tmp / f"rank{rank}.pt")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "rloo", "dapo"])
+def test_two_ranks_apply_the_one_process_gradient(tmp_path, variant):
+    """DDP over two gloo ranks, each sampling half of every step's prompts, applies at
+    every optimiser step the gradient ONE process computes on all of them (each variant's
+    normalisation survives the split), and both ranks report the same monitor."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    torch.multiprocessing.spawn(_grpo_rank, args=(1, one, variant), nprocs=1, join=True)
+    torch.multiprocessing.spawn(_grpo_rank, args=(2, two, variant), nprocs=2, join=True)
+    single = torch.load(one / "rank0.pt", weights_only=False)
+    rank0, rank1 = (torch.load(two / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert len(single["grads"]) == len(rank0["grads"]) == len(rank1["grads"]) == DDP["num_steps"]
+    for g1, g_a, g_b in zip(single["grads"], rank0["grads"], rank1["grads"]):
+        assert g1.abs().max() > 0
+        torch.testing.assert_close(g_a, g_b, rtol=0, atol=0)  # DDP: the same all-reduced gradient on both
+        # float32 sums in another order: equal to ~1e-7 of the gradient's norm (a wrong
+        # normalisation, e.g. a missing / world_size, is off by a factor of 2)
+        assert (g_a - g1).norm() <= 1e-5 * g1.norm()
+    for a, b in zip(rank0["reported"], rank1["reported"]):  # the same monitor on both ranks
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.endswith("_seconds"):  # wall-clock times are each rank's own
+                assert a[key] == pytest.approx(b[key], nan_ok=True), key
+    for key in ("share_zero_std", "rollouts_on_zero_std", "reward_mean", "loss", "grad_norm_total",
+                "eval_reward_mean"):
+        expected = [r.get(key) for r in single["reported"]]
+        assert [r.get(key) for r in rank0["reported"]] == pytest.approx(expected, rel=1e-4, abs=1e-6, nan_ok=True), key

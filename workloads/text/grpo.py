@@ -432,7 +432,11 @@ def grpo_update(run: GRPORun, groups: list[Group]) -> dict[str, float]:
             for name, value in stats.items():
                 sums[name] += value
     steps = config.num_iterations * num_minibatches
-    return {name: value / steps for name, value in sums.items()}
+    # every rank reports the same statistics: the mean of the ranks' (the loss then equals
+    # the one-process loss on all ranks' groups; grad_norm_total is all-reduced already)
+    means = run.sum_over_ranks(torch.tensor([sums[name] / steps for name in UPDATE_STATISTICS],
+                                            dtype=torch.float64)) / run.ctx.world_size
+    return dict(zip(UPDATE_STATISTICS, means.tolist()))
 
 
 UPDATE_STATISTICS = ("loss", "clip_fraction", "kl", "grad_norm_total")
