@@ -38,3 +38,22 @@ def test_batched_grad_norms_of_a_bfloat16_model():
     assert half.dtype is torch.float64 and torch.isfinite(half).all()
     reference = per_input_grad_norms_loop(model.double(), prompts, outputs, torch.tensor(rewards))
     np.testing.assert_allclose(half.numpy(), reference.numpy(), rtol=0.05)
+
+
+def test_sampling_model_is_a_refreshed_copy_in_the_sampling_dtype():
+    """A float32 policy sampled in bf16: a bf16 copy that follows every update on refresh();
+    in its own dtype the policy itself (nothing copied)."""
+    from workloads.text.sampling import SamplingModel
+
+    policy, _ = load_model_and_tokenizer("builtin:tiny-gpt2", dtype="float32")
+    assert SamplingModel(policy, torch.float32).model is policy
+    sampler = SamplingModel(policy, torch.bfloat16)
+    assert sampler.model is not policy and sampler.model.dtype is torch.bfloat16
+    assert not any(p.requires_grad for p in sampler.model.parameters())
+    with torch.no_grad():  # an "update"
+        for p in policy.parameters():
+            p.add_(0.25)
+    assert not torch.equal(next(sampler.model.parameters()).float(), next(policy.parameters()).to(torch.bfloat16).float())
+    sampler.refresh()
+    for mine, theirs in zip(sampler.model.state_dict().values(), policy.state_dict().values()):
+        assert torch.equal(mine, theirs.to(mine.dtype))

@@ -195,21 +195,25 @@ def test_grad_norm_of_names_the_distribution_differentiated(tmp_path):
 
 
 def test_sampling_in_bfloat16_keeps_exact_float64_gradient_norms(tmp_path):
-    """dtype: bfloat16 samples with a bf16 model; the gradient norms still come from the
-    grad_norm_dtype copy and equal the float64 loop on the stored tokens."""
+    """dtype: bfloat16 samples with a bf16 copy; the stored log-probs and the gradient norms
+    come from the model as stored, in grad_norm_dtype (weights never rounded to bf16), and
+    equal the float64 loop on the stored tokens."""
     import torch
 
     from workloads.text.gradnorm import per_input_grad_norms_loop
-    from workloads.text.models import load_model_and_tokenizer
+    from workloads.text.models import load_model_and_tokenizer, sequence_log_probs
 
     run_extract(tiny_config(dtype="bfloat16", grad_norm_dtype="float64"), local_context(str(tmp_path), show_progress=False))
     samples = read(tmp_path, "samples").sort_values(["input_id", "sample_idx"])
     inputs = read(tmp_path, "inputs").set_index("input_id")
-    reference, _ = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.bfloat16)
-    policy = reference.double().eval()  # the bf16 weights, held in float64: what the grad_norm_dtype copy holds
+    policy, _ = load_model_and_tokenizer("builtin:tiny-gpt2", dtype=torch.float64)
+    policy.eval()
     input_id, group = next(iter(samples.groupby("input_id")))
     prompt = [int(t) for t in group.prompt_token_ids.iloc[0]]
     outputs = [[int(t) for t in ids] for ids in group.output_token_ids]
     rewards = torch.tensor(group.reward.to_numpy(), dtype=torch.float64).view(1, K)
     expected = per_input_grad_norms_loop(policy, [prompt], [outputs], rewards)
     assert expected.item() == pytest.approx(inputs.loc[input_id, "grad_norm"], rel=1e-6, abs=1e-12)
+    with torch.no_grad():
+        log_probs = sequence_log_probs(policy, [prompt] * K, outputs)
+    np.testing.assert_allclose(group.log_prob.to_numpy(), log_probs.numpy(), rtol=1e-9)

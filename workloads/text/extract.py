@@ -11,7 +11,6 @@ retried worker overwrites instead of duplicating.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -22,9 +21,9 @@ from ..core.context import WorkloadContext
 from .config import grad_norm_temperature
 from .extract_config import ExtractConfig
 from .gradnorm import per_input_grad_norms
-from .models import load_model_and_tokenizer, sequence_log_probs
+from .models import load_model_and_tokenizer, resolve_dtype, sequence_log_probs
 from .rewards import get_reward
-from .sampling import ScoredSamples, prompts_of, sample_outputs, score_outputs, table_rows
+from .sampling import SamplingModel, ScoredSamples, prompts_of, sample_outputs, score_outputs, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
 
 SUMMARY_COLUMNS = ["reward_mean", "reward_std", "grad_norm"]
@@ -35,11 +34,11 @@ def shard_name(first: int, last: int) -> str:
 
 
 def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
-    model, tokenizer = load_model_and_tokenizer(config.model, ctx.device, config.dtype)
-    model.eval()  # no dropout while sampling nor in the gradients
-    grad_dtype = getattr(torch, config.grad_norm_dtype)
-    # gradients may need more precision than sampling: a copy in grad_norm_dtype
-    grad_model = model if model.dtype == grad_dtype else copy.deepcopy(model).to(grad_dtype)
+    # the model as stored, in the precision of the log-probs and gradient norms; generate()
+    # runs on a copy in the sampling dtype when that differs (bf16 where the hardware has it)
+    grad_model, tokenizer = load_model_and_tokenizer(config.model, ctx.device, config.grad_norm_dtype)
+    grad_model.eval()  # no dropout while sampling nor in the gradients
+    model = SamplingModel(grad_model, resolve_dtype(config.dtype, ctx.device)).model
     reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
 
     # the paper's protocol: num_inputs random inputs of the split, fixed seed
@@ -98,8 +97,8 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
         tic = time.perf_counter()
         texts, rewards = score_outputs(tokenizer, reward_fn, batch_prompts.texts, batch_prompts.references,
                                        outputs, K)
-        with torch.no_grad():  # log pi_theta(y|x) of the model itself: temperature 1, no top-k/p
-            log_probs = sequence_log_probs(model, [p for p in batch_prompts.ids for _ in range(K)], outputs).tolist()
+        with torch.no_grad():  # log pi_theta(y|x) at temperature 1, no top-k/p, in grad_norm_dtype
+            log_probs = sequence_log_probs(grad_model, [p for p in batch_prompts.ids for _ in range(K)], outputs).tolist()
         seconds["score"] += time.perf_counter() - tic
         for i, j in enumerate(batch):
             rows = slice(i * K, (i + 1) * K)

@@ -58,10 +58,10 @@ from ..core.context import WorkloadContext
 from .config import grad_norm_temperature
 from .gradnorm import per_input_grad_norms, reward_stats
 from .grpo_config import GRPOConfig
-from .models import load_model_and_tokenizer, token_log_probs
+from .models import load_model_and_tokenizer, resolve_dtype, token_log_probs
 from .ppo import bucket_of, std_buckets
 from .rewards import get_reward
-from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
+from .sampling import Prompts, SamplingModel, ScoredSamples, prompts_of, sample_and_score, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
 
 STATE_FILE = "rlgrad_grpo_state.json"
@@ -241,6 +241,7 @@ class GRPORun:
     initial_reward: dict[int, float] = field(default_factory=dict)
     cache: dict[int, Group] = field(default_factory=dict)  # step-0 evaluation groups, reused by step 1
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (refills, skips, predictions)
+    sampler: SamplingModel | None = None  # what generate() runs: the policy, or its copy in the sampling dtype
 
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
@@ -271,11 +272,12 @@ def start_run(config: GRPOConfig, ctx: WorkloadContext) -> GRPORun:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     device = torch.device(ctx.device)
     resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
-    policy, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device, config.dtype)
+    policy, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device,
+                                                 config.train_dtype)
     policy.eval()  # dropout off: π_old and π_θ are the same function before the first update
     reference = None
     if config.beta > 0:
-        reference, _ = load_model_and_tokenizer(config.model, device, config.dtype)
+        reference, _ = load_model_and_tokenizer(config.model, device, config.train_dtype)
         reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     run = GRPORun(config, ctx, device, distributed, tokenizer, policy, policy, reference, optimizer,
@@ -286,6 +288,7 @@ def start_run(config: GRPOConfig, ctx: WorkloadContext) -> GRPORun:
         load_checkpoint(run, ctx.resume_from)
     if distributed:
         run.train_model = DistributedDataParallel(policy)
+    run.sampler = SamplingModel(policy, resolve_dtype(config.dtype, device))
     return run
 
 
@@ -309,7 +312,7 @@ def sample_groups(run: GRPORun, input_ids: list[int]) -> list[Group]:
         # rollouts are cut where the reference's RL environment cuts them (stage "ppo")
         prompts = prompts_of(config.task, examples, run.tokenizer, config.generation,
                              run.policy.config.is_encoder_decoder, "ppo")
-        scored = sample_and_score(run.policy, run.tokenizer, run.reward_fn, prompts, config.num_samples_per_input,
+        scored = sample_and_score(run.sampler.model, run.tokenizer, run.reward_fn, prompts, config.num_samples_per_input,
                                   config.generation)
         K = config.num_samples_per_input
         for j, (input_id, example) in enumerate(zip(chunk, examples)):
@@ -581,6 +584,7 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     seconds["record_seconds"] = time.perf_counter() - tic
     tic = time.perf_counter()
     update = grpo_update(run, rollout.train)
+    run.sampler.refresh()  # the next samples come from the updated policy
     seconds["update_seconds"] = time.perf_counter() - tic
     if step == 1:
         run.cache.clear()  # the step-0 samples are stale once the policy has moved

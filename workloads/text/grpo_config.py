@@ -14,7 +14,8 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from ..core.config import REWARD_STD_THRESHOLDS, Thresholds
-from .config import GRAD_NORM_OF, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig
+from .config import (GRAD_NORM_OF, MODEL_DTYPE, TRAIN_DTYPE, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig,
+                     TrainDType)
 
 VARIANTS = ("grpo", "dr_grpo", "rloo", "dapo")
 DAPO_EPSILON_HIGH = 0.28  # DAPO (Yu et al. 2025) clip-higher default
@@ -49,7 +50,8 @@ class GRPOConfig(TextTaskConfig):
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (TRL default 1e-6)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default 0)")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (TRL/Trainer default 1.0); null = none")
-    dtype: ModelDType = Field("float32", description="dtype of weights, rollouts and updates (auto: workloads.text.models.resolve_dtype); bfloat16 samples faster (issue 11: 2.4x on 2 idle cores; 1.4x measured here under load) but rounds away updates far below a weight's magnitude")
+    dtype: ModelDType = Field("auto", description=MODEL_DTYPE)
+    train_dtype: TrainDType = Field("float32", description=TRAIN_DTYPE)
     # mitigations of zero-std groups
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop groups whose K rewards are all equal and refill with new prompts")
     max_refill_rounds: int = Field(3, ge=0, description="dynamic sampling: refill rounds per step before training on what there is (DAPO max_num_gen_batches - 1)")

@@ -66,12 +66,12 @@ from tqdm.auto import tqdm
 from ..core.context import WorkloadContext
 from .config import grad_norm_temperature
 from .gradnorm import per_input_grad_norms, reward_stats
-from .models import load_model_and_tokenizer, output_logits, sequence_log_probs, token_log_probs
+from .models import load_model_and_tokenizer, output_logits, resolve_dtype, sequence_log_probs, token_log_probs
 from .nlpo import ActionMasker
 from .nlpo_config import NLPOConfig
 from .ppo_config import PPOConfig
 from .rewards import get_reward
-from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
+from .sampling import Prompts, SamplingModel, ScoredSamples, prompts_of, sample_and_score, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward, split_size
 
 VALUE_HEAD_FILE = "value_head.pt"
@@ -270,6 +270,7 @@ class PPORun:
     step: int = 0  # rollouts done
     kl_coef: float = 0.0  # β, moved by the KL controller
     initial_monitor_std: dict[int, float] = field(default_factory=dict)  # monitor input -> reward std at step 0
+    sampler: SamplingModel | None = None  # what generate() runs: the policy LM, or its copy in the sampling dtype
 
     @property
     def lm(self):
@@ -291,7 +292,7 @@ class PPORun:
                                     self.lm.config.is_encoder_decoder, "ppo")
 
     def sample(self, prompts: Prompts) -> ScoredSamples:
-        return sample_and_score(self.lm, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
+        return sample_and_score(self.sampler.model, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
                                 self.config.generation, self.masker.logits_processor if self.masker else None)
 
     def grad_norms(self, prompts: Prompts, scored: ScoredSamples) -> list[float | None]:
@@ -327,10 +328,10 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     device = torch.device(ctx.device)
     resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
-    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device, config.dtype)
+    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device, config.train_dtype)
     value_lm, _ = load_model_and_tokenizer(os.path.join(ctx.resume_from, VALUE_MODEL_DIR) if resuming
-                                           else config.model, device, config.dtype)
-    reference, _ = load_model_and_tokenizer(config.model, device, config.dtype)  # π_ref = the initial policy
+                                           else config.model, device, config.train_dtype)
+    reference, _ = load_model_and_tokenizer(config.model, device, config.train_dtype)  # π_ref = the initial policy
     reference.eval().requires_grad_(False)
     actor_critic = ActorCritic(lm, value_lm, config.generation.temperature).to(device)
     actor_critic.eval()  # dropout off: see the module docstring
@@ -346,6 +347,7 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
         load_checkpoint(run, ctx.resume_from)
     if distributed:  # after loading: DDP broadcasts rank 0's parameters when it wraps them
         run.train_model = DistributedDataParallel(actor_critic)
+    run.sampler = SamplingModel(lm, resolve_dtype(config.dtype, device))  # after DDP's broadcast
     return run
 
 
@@ -536,6 +538,7 @@ def ppo_iteration(run: PPORun, step: int) -> dict:
     if run.masker and step % run.masker.update_every == 0:  # after the rollout, before the update (nlpo.py learn)
         run.masker.refresh(run.lm)
     update = ppo_update(run, rollout, targets)
+    run.sampler.refresh()  # the next rollout samples the updated policy
     seconds["update_seconds"] = time.perf_counter() - tic
 
     kl = rollout_kl(run, targets)
@@ -648,7 +651,8 @@ def load_checkpoint(run: PPORun, directory: str) -> None:
 
     run.actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
     if run.masker:
-        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device, run.config.dtype)
+        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device,
+                                              run.config.train_dtype)
         run.masker.refresh(mask_lm)
     run.optimizer.load_state_dict(load(OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE)) as f:

@@ -7,7 +7,8 @@ from typing import ClassVar, Optional
 from pydantic import Field, model_validator
 
 from ..core.config import REWARD_STD_THRESHOLDS, Thresholds
-from .config import GRAD_NORM_OF, MODEL_DTYPE, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig
+from .config import (GRAD_NORM_OF, MODEL_DTYPE, TRAIN_DTYPE, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig,
+                     TrainDType)
 
 
 class PPOConfig(TextTaskConfig):
@@ -68,7 +69,8 @@ class PPOConfig(TextTaskConfig):
     eval_every_rollouts: int = Field(0, ge=0, description="rollouts between monitor-set evaluations; 0 = only first and last")
     num_eval_inputs: int = Field(64, ge=1, description="fixed monitor set: the first train inputs of the pool")
     reward_std_thresholds: Thresholds = Field(list(REWARD_STD_THRESHOLDS), description="the monitor buckets inputs by reward std at these edges")
-    dtype: ModelDType = Field("float32", description=MODEL_DTYPE)
+    dtype: ModelDType = Field("auto", description=MODEL_DTYPE)
+    train_dtype: TrainDType = Field("float32", description=TRAIN_DTYPE)
     grad_norm_of: GradNormOf = Field("sampling_policy", description=GRAD_NORM_OF)
     monitor_grad_norm: bool = Field(True, description="per-input policy-gradient norms of every rollout")
     checkpoint_every_rollouts: int = Field(0, ge=0, description="rollouts between checkpoints; 0 = only at the end")

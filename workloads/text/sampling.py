@@ -15,6 +15,7 @@ estimator uses.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,27 @@ def prompts_of(task: str, examples, tokenizer, gen: GenerationConfig, encoder_de
     side = truncation_side(task, gen.truncation_side, encoder_decoder, stage)
     return Prompts(texts, encode_prompts(tokenizer, texts, gen.max_prompt_length, encoder_decoder, side),
                    [references(task, ex) for ex in examples])
+
+
+class SamplingModel:
+    """The model generate() runs for a policy that trains: the policy itself when the
+    sampling dtype is its own, else a frozen copy in the sampling dtype (bf16 sampling beside
+    float32 training, as TRL / veRL sample with a bf16 engine). `refresh()` after every
+    update copies the policy's weights into the copy, so samples always come from the
+    current policy, rounded to the sampling dtype."""
+
+    def __init__(self, policy, dtype: torch.dtype):
+        self.policy = policy
+        self.model = policy
+        if policy.dtype != dtype:
+            self.model = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+
+    def refresh(self) -> None:
+        if self.model is self.policy:
+            return
+        with torch.no_grad():  # tied weights appear once in parameters(), in both models alike
+            for mine, theirs in zip(self.model.parameters(), self.policy.parameters(), strict=True):
+                mine.copy_(theirs)
 
 
 def sample_outputs(model, tokenizer, prompt_ids: list[list[int]], num_samples: int,
