@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,33 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
             row["cause"] = strip_ansi(str(metrics["error"]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+MITIGATIONS_SQL = os.path.join(os.path.dirname(__file__), "queries", "grpo_mitigations.sql")
+MITIGATION_COLUMNS = {  # the query's columns, as the report heads them
+    "stage": "stage", "params": "condition", "prompts": "prompts", "std0_at_start": "prompts at std 0 at start",
+    "max_grad_std0": "their max grad norm", "min_grad_std_pos": "min grad norm, std > 0",
+    "train_zero_std_share": "zero-std share while training", "rollouts": "completions trained on",
+    "refills": "refilled", "saved": "saved by skipping", "precision": "prediction precision",
+    "recall": "prediction recall", "reward_start": "reward at start", "reward_end": "reward at end",
+    "std0_reward_start": "std-0 prompts: reward at start", "std0_reward_end": "std-0 prompts: reward at end",
+    "std0_at_end": "prompts at std 0 at end"}
+
+
+def mitigations_section(results: str, sweep: str) -> str:
+    """The GRPO trials side by side (orchestrator/queries/grpo_mitigations.sql): how many
+    prompts start at reward std 0, that their gradient norm is 0, and what each condition
+    did to the zero-std share and to the reward of the prompts that started at std 0."""
+    from .query import run_query
+
+    with open(MITIGATIONS_SQL, encoding="utf-8") as f:
+        table = run_query(results, f.read(), [sweep]).to_pandas().rename(columns=MITIGATION_COLUMNS)
+    return ('<h2 id="zero-std">Zero-std prompts and the mitigations (GRPO trials)</h2><p>Per trial, on its prompt '
+            "pool: prompts whose K rewards were all equal before training and the largest gradient norm measured "
+            "for them (0 means exactly zero), the share of zero-std groups among the prompts sampled for "
+            "training, completions trained on / refilled by dynamic sampling / saved by skipping prompts "
+            "predicted zero-std, and the mean reward before and after training, over all prompts and over "
+            "those that started at std 0.</p>" + _table_html(table))
 
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -293,6 +321,8 @@ def build_report(results: str, sweep: str) -> str:
     blocks: list = []
     if len(trials):
         blocks.append('<h2 id="trials">Trials</h2>' + _table_html(summary_table(inputs, trials, labels)))
+    if len(trials) and len(inputs) and (trials["workload"] == "grpo").any():
+        blocks.append(mitigations_section(results, sweep))
     block = None
     if len(inputs):
         inputs = _input_rows(inputs)

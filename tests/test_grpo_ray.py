@@ -51,3 +51,17 @@ def test_two_grpo_steps_on_the_real_model_through_ray(tmp_path):
             assert row["grad_norm"] > 0
     metrics = root.read_table("grpo_real", "metrics")
     assert {"share_zero_std", "rollouts_on_zero_std", "loss"} <= set(metrics["metric"].to_pylist())
+
+    # the report's mitigations table: this trial's row, from the same per-step rows
+    page = (tmp_path / "results" / "grpo_real" / "report.html").read_text(encoding="utf-8")
+    table = page[page.index('id="zero-std"'):]
+    table = table[: table.index("</table>")]
+    head = [h.split("</th>")[0] for h in table.split("<th>")[1:]]
+    cells = [c.split("</td>")[0] for c in table.split("<td>")[1:]]
+    assert len(cells) == len(head)  # one GRPO trial, one row
+    row = dict(zip(head, cells))
+    start = [r for r in inputs.to_pylist() if r["step"] == 0]
+    final = [r for r in inputs.to_pylist() if r["step"] == 2]
+    assert row["prompts"] == "4" and row["prompts at std 0 at start"] == str(sum(r["reward_std_zero"] for r in start))
+    assert row["their max grad norm"] in ("0", "")  # "" when no prompt started at std 0
+    assert float(row["reward at end"]) == pytest.approx(sum(r["reward_mean"] for r in final) / 4, abs=1e-3)

@@ -1,7 +1,8 @@
--- The README's GRPO table: per trial, the prompts at reward std 0 before training, their
+-- The GRPO mitigations table (report.html's "Zero-std prompts" section and the README's
+-- GRPO table): per GRPO trial, the prompts at reward std 0 before training, their
 -- gradient norm, the zero-std share while training, rollouts spent/refilled/saved, the
 -- zero-std prediction's precision/recall, and the reward before/after (all prompts, and
--- those that started at std 0).  rlgrad query --sweep grpo_smollm2_arithmetic "$(cat docs/grpo_table.sql)"
+-- those that started at std 0).  rlgrad query --sweep grpo_smollm2_arithmetic "$(cat orchestrator/queries/grpo_mitigations.sql)"
 WITH first AS (SELECT trial, input_id, reward_mean AS r0, reward_std_zero AS zero0, grad_norm AS g0 FROM inputs WHERE step = 0),
 last_step AS (SELECT trial, max(step) AS s FROM inputs GROUP BY trial),
 final AS (SELECT i.trial, i.input_id, i.reward_mean AS rN, i.reward_std_zero AS zeroN
@@ -25,4 +26,5 @@ SELECT t.stage, t.params, count(*) AS prompts,
        round(avg(CASE WHEN f.zero0 THEN fi.rN END), 3) AS std0_reward_end,
        sum(fi.zeroN::INT) AS std0_at_end
 FROM first f JOIN final fi USING (trial, input_id) JOIN trials t ON t.trial = f.trial LEFT JOIN train tr ON tr.trial = f.trial
+WHERE t.workload = 'grpo'
 GROUP BY t.stage, t.params ORDER BY t.stage, t.params
