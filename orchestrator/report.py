@@ -109,7 +109,7 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
 
 MITIGATIONS_SQL = os.path.join(os.path.dirname(__file__), "queries", "grpo_mitigations.sql")
 MITIGATION_COLUMNS = {  # the query's columns, as the report heads them
-    "stage": "stage", "params": "condition", "prompts": "prompts", "std0_at_start": "prompts at std 0 at start",
+    "stage": "stage", "trial": "trial", "prompts": "prompts", "std0_at_start": "prompts at std 0 at start",
     "max_grad_std0": "their max grad norm", "min_grad_std_pos": "min grad norm, std > 0",
     "train_zero_std_share": "zero-std share while training", "rollouts": "completions trained on",
     "refills": "refilled", "saved": "saved by skipping", "precision": "prediction precision",
@@ -118,14 +118,16 @@ MITIGATION_COLUMNS = {  # the query's columns, as the report heads them
     "std0_at_end": "prompts at std 0 at end"}
 
 
-def mitigations_section(results: str, sweep: str) -> str:
+def mitigations_section(results: str, sweep: str, labels: dict[str, str]) -> str:
     """The GRPO trials side by side (orchestrator/queries/grpo_mitigations.sql): how many
     prompts start at reward std 0, that their gradient norm is 0, and what each condition
     did to the zero-std share and to the reward of the prompts that started at std 0."""
     from .query import run_query
 
     with open(MITIGATIONS_SQL, encoding="utf-8") as f:
-        table = run_query(results, f.read(), [sweep]).to_pandas().rename(columns=MITIGATION_COLUMNS)
+        table = run_query(results, f.read(), [sweep]).to_pandas()
+    table["trial"] = [labels.get(t, t) for t in table["trial"]]
+    table = table.drop(columns=["params"]).rename(columns=MITIGATION_COLUMNS)
     return ('<h2 id="zero-std">Zero-std prompts and the mitigations (GRPO trials)</h2><p>Per trial, on its prompt '
             "pool: prompts whose K rewards were all equal before training and the largest gradient norm measured "
             "for them (0 means exactly zero), the share of zero-std groups among the prompts sampled for "
@@ -322,7 +324,7 @@ def build_report(results: str, sweep: str) -> str:
     if len(trials):
         blocks.append('<h2 id="trials">Trials</h2>' + _table_html(summary_table(inputs, trials, labels)))
     if len(trials) and len(inputs) and (trials["workload"] == "grpo").any():
-        blocks.append(mitigations_section(results, sweep))
+        blocks.append(mitigations_section(results, sweep, labels))
     block = None
     if len(inputs):
         inputs = _input_rows(inputs)

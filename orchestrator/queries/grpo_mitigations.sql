@@ -14,7 +14,7 @@ train AS (SELECT trial, avg(CASE WHEN metric = 'share_zero_std' THEN value END) 
                  arg_max(CASE WHEN metric = 'prediction_precision' THEN value END, step) AS precision,
                  arg_max(CASE WHEN metric = 'prediction_recall' THEN value END, step) AS recall
           FROM metrics WHERE split = 'train' GROUP BY trial)
-SELECT t.stage, t.params, count(*) AS prompts,
+SELECT t.stage, t.trial, t.params, count(*) AS prompts,
        sum(f.zero0::INT) AS std0_at_start,
        max(CASE WHEN f.zero0 THEN f.g0 END) AS max_grad_std0,
        min(CASE WHEN NOT f.zero0 THEN f.g0 END) AS min_grad_std_pos,
@@ -27,4 +27,4 @@ SELECT t.stage, t.params, count(*) AS prompts,
        sum(fi.zeroN::INT) AS std0_at_end
 FROM first f JOIN final fi USING (trial, input_id) JOIN trials t ON t.trial = f.trial LEFT JOIN train tr ON tr.trial = f.trial
 WHERE t.workload = 'grpo'
-GROUP BY t.stage, t.params ORDER BY t.stage, t.params
+GROUP BY t.stage, t.trial, t.params ORDER BY t.stage, t.params
