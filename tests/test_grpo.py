@@ -180,6 +180,14 @@ def test_per_step_inputs_rows(tmp_path):
     assert len(samples) == len(inputs) * TINY["num_samples_per_input"]
     names = set(read_local_table(str(tmp_path / "rows"), "metrics").metric)
     assert {"share_zero_std", "rollouts_on_zero_std", "share_tokens_on_zero_std", "reward_gain"} <= names
+    # the final evaluation by initial reward std, recomputed from the per-step rows
+    start = inputs[inputs.step == 0].set_index("input_id")
+    end = inputs[inputs.step == N].set_index("input_id").loc[start.index]
+    started_zero = start.reward_std == 0
+    assert metrics["eval_num_inputs_initial_std_lt_0.01"] == started_zero.sum()
+    assert metrics["eval_reward_mean_initial_std_lt_0.01"] == pytest.approx(end.reward_mean[started_zero].mean())
+    assert metrics["eval_share_zero_std_initial_std_lt_0.01"] == pytest.approx((end.reward_std[started_zero] == 0).mean())
+    assert metrics["eval_num_inputs_initial_std_ge_0.1"] == (start.reward_std >= 0.1).sum()
 
     from orchestrator.report import build_report
 

@@ -530,43 +530,39 @@ def prediction_quality(t: dict, config: GRPOConfig) -> dict[str, float]:
 
 
 def reward_by_initial_std(run: GRPORun, step: int, rows: list[dict]) -> dict[str, float]:
-    """The evaluation of the whole pool grouped by each prompt's INITIAL reward std (all
-    ranks): prompts, reward, share at std 0 now; logged under split eval_initial_<bucket>."""
-    buckets = std_buckets(run.config.reward_std_thresholds)
-    names = [name for name, _, _ in buckets]
-    sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # prompts, reward sum, zero-std now
-    for row in rows:
-        b = names.index(bucket_of(run.initial_std[row["input_id"]], buckets))
-        sums[b] += torch.tensor([1.0, row["reward_mean"], float(row["reward_std"] == 0)], dtype=torch.float64)
-    sums = run.sum_over_ranks(sums)
-    out = {}
-    for b, name in enumerate(names):
-        count, reward_sum, zero = sums[b].tolist()
-        values = {"num_inputs": count, "reward_mean": reward_sum / count if count else None,
-                  "share_zero_std": zero / count if count else None}
-        run.ctx.log_metrics(step, values, split=f"eval_initial_{name}")
-        out.update({f"eval_{k}_initial_{name}": v for k, v in values.items() if v is not None})
-    return out
+    """The evaluation of the whole pool by each prompt's INITIAL reward std: prompts, reward,
+    share at std 0 now; logged under split eval_initial_<bucket>."""
+    entries = [(row["input_id"], row["reward_mean"], row["reward_std"] == 0) for row in rows]
+    return by_initial_std(run, step, entries, ("num_inputs", "reward_mean"), "eval_")
 
 
 def gain_by_initial_std(run: GRPORun, step: int, groups: list[Group]) -> dict[str, float]:
-    """Per initial-std bucket, over the step's sampled prompts (all ranks): reward now minus
-    reward at step 0, and the share of them at std 0 now; logged under split initial_<bucket>."""
+    """The step's sampled prompts by their INITIAL reward std: prompts, reward now minus
+    reward at step 0, share at std 0 now; logged under split initial_<bucket>."""
+    entries = [(g.input_id, g.rewards.mean().item() - run.initial_reward[g.input_id], g.std == 0) for g in groups]
+    return by_initial_std(run, step, entries, ("num_prompts", "reward_gain"), "")
+
+
+def by_initial_std(run: GRPORun, step: int, entries: list[tuple[int, float, bool]], names: tuple[str, str],
+                   prefix: str) -> dict[str, float]:
+    """Per bucket of the prompts' initial reward std, over all ranks, from this rank's
+    (input_id, value, std 0 now): count, mean value, share at std 0 now (named `names` and
+    share_zero_std); logged under split {prefix}initial_<bucket>, returned as
+    {prefix}<name>_initial_<bucket>."""
     buckets = std_buckets(run.config.reward_std_thresholds)
-    names = [name for name, _, _ in buckets]
-    sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # prompts, gain sum, zero-std now
-    for g in groups:
-        b = names.index(bucket_of(run.initial_std[g.input_id], buckets))
-        gain = g.rewards.mean().item() - run.initial_reward[g.input_id]
-        sums[b] += torch.tensor([1.0, gain, float(g.std == 0)], dtype=torch.float64)
+    labels = [label for label, _, _ in buckets]
+    sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # prompts, value sum, zero-std now
+    for input_id, value, zero_now in entries:
+        sums[labels.index(bucket_of(run.initial_std[input_id], buckets))] += torch.tensor(
+            [1.0, value, float(zero_now)], dtype=torch.float64)
     sums = run.sum_over_ranks(sums)
     out = {}
-    for b, name in enumerate(names):
-        count, gain_sum, zero = sums[b].tolist()
-        values = {"num_prompts": count, "reward_gain": gain_sum / count if count else None,
+    for b, label in enumerate(labels):
+        count, value_sum, zero = sums[b].tolist()
+        values = {names[0]: count, names[1]: value_sum / count if count else None,
                   "share_zero_std": zero / count if count else None}
-        run.ctx.log_metrics(step, values, split=f"initial_{name}")
-        out.update({f"{k}_initial_{name}": v for k, v in values.items() if v is not None})
+        run.ctx.log_metrics(step, values, split=f"{prefix}initial_{label}")
+        out.update({f"{prefix}{k}_initial_{label}": v for k, v in values.items() if v is not None})
     return out
 
 
