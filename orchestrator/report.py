@@ -111,7 +111,7 @@ MITIGATIONS_SQL = os.path.join(os.path.dirname(__file__), "queries", "grpo_mitig
 MITIGATION_COLUMNS = {  # the query's columns, as the report heads them
     "stage": "stage", "trial": "trial", "prompts": "prompts", "std0_at_start": "prompts at std 0 at start",
     "max_grad_std0": "their max grad norm", "min_grad_std_pos": "min grad norm, std > 0",
-    "train_zero_std_share": "zero-std share while training", "rollouts": "completions trained on",
+    "train_zero_std_share": "zero-std share while training", "rollouts": "completions sampled",
     "refills": "refilled", "saved": "saved by skipping", "precision": "prediction precision",
     "recall": "prediction recall", "reward_start": "reward at start", "reward_end": "reward at end",
     "std0_reward_start": "std-0 prompts: reward at start", "std0_reward_end": "std-0 prompts: reward at end",
@@ -131,7 +131,7 @@ def mitigations_section(results: str, sweep: str, labels: dict[str, str]) -> str
     return ('<h2 id="zero-std">Zero-std prompts and the mitigations (GRPO trials)</h2><p>Per trial, on its prompt '
             "pool: prompts whose K rewards were all equal before training and the largest gradient norm measured "
             "for them (0 means exactly zero), the share of zero-std groups among the prompts sampled for "
-            "training, completions trained on / refilled by dynamic sampling / saved by skipping prompts "
+            "training, completions sampled for training (dropped groups included) / refilled by dynamic sampling / saved by skipping prompts "
             "predicted zero-std, and the mean reward before and after training, over all prompts and over "
             "those that started at std 0.</p>" + _table_html(table))
 
