@@ -109,13 +109,13 @@ def summary_table(inputs: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, 
 
 MITIGATIONS_SQL = os.path.join(os.path.dirname(__file__), "queries", "grpo_mitigations.sql")
 MITIGATION_COLUMNS = {  # the query's columns, as the report heads them
-    "stage": "stage", "trial": "trial", "prompts": "prompts", "std0_at_start": "prompts at std 0 at start",
+    "trial": "trial", "prompts": "prompts", "std0_at_start": "std 0 at start",
     "max_grad_std0": "their max grad norm", "min_grad_std_pos": "min grad norm, std > 0",
-    "train_zero_std_share": "zero-std share while training", "rollouts": "completions sampled",
+    "train_zero_std_share": "zero-std share, training", "rollouts": "completions sampled",
     "refills": "refilled", "saved": "saved by skipping", "precision": "prediction precision",
-    "recall": "prediction recall", "reward_start": "reward at start", "reward_end": "reward at end",
-    "std0_reward_start": "std-0 prompts: reward at start", "std0_reward_end": "std-0 prompts: reward at end",
-    "std0_at_end": "prompts at std 0 at end"}
+    "recall": "prediction recall", "reward_start": "reward start", "reward_end": "reward end",
+    "std0_reward_start": "std-0 prompts: reward start", "std0_reward_end": "std-0 prompts: reward end",
+    "std0_at_end": "std 0 at end"}
 
 
 def mitigations_section(results: str, sweep: str, labels: dict[str, str]) -> str:
@@ -127,7 +127,7 @@ def mitigations_section(results: str, sweep: str, labels: dict[str, str]) -> str
     with open(MITIGATIONS_SQL, encoding="utf-8") as f:
         table = run_query(results, f.read(), [sweep]).to_pandas()
     table["trial"] = [labels.get(t, t) for t in table["trial"]]
-    table = table.drop(columns=["params"]).rename(columns=MITIGATION_COLUMNS)
+    table = table.drop(columns=["stage", "params"]).rename(columns=MITIGATION_COLUMNS)  # the label names both
     return ('<h2 id="zero-std">Zero-std prompts and the mitigations (GRPO trials)</h2><p>Per trial, on its prompt '
             "pool: prompts whose K rewards were all equal before training and the largest gradient norm measured "
             "for them (0 means exactly zero), the share of zero-std groups among the prompts sampled for "

@@ -62,6 +62,6 @@ def test_two_grpo_steps_on_the_real_model_through_ray(tmp_path):
     row = dict(zip(head, cells))
     start = [r for r in inputs.to_pylist() if r["step"] == 0]
     final = [r for r in inputs.to_pylist() if r["step"] == 2]
-    assert row["prompts"] == "4" and row["prompts at std 0 at start"] == str(sum(r["reward_std_zero"] for r in start))
+    assert row["prompts"] == "4" and row["std 0 at start"] == str(sum(r["reward_std_zero"] for r in start))
     assert row["their max grad norm"] in ("0", "")  # "" when no prompt started at std 0
-    assert float(row["reward at end"]) == pytest.approx(sum(r["reward_mean"] for r in final) / 4, abs=1e-3)
+    assert float(row["reward end"]) == pytest.approx(sum(r["reward_mean"] for r in final) / 4, abs=1e-3)
