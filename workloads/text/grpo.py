@@ -63,6 +63,7 @@ from .ppo import bucket_of, std_buckets
 from .rewards import get_reward
 from .sampling import Prompts, ScoredSamples, prompts_of, sample_and_score, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
+from .vllm_sampler import build_for
 
 STATE_FILE = "rlgrad_grpo_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -240,6 +241,7 @@ class GRPORun:
     initial_std: dict[int, float] = field(default_factory=dict)
     initial_reward: dict[int, float] = field(default_factory=dict)
     cache: dict[int, Group] = field(default_factory=dict)  # step-0 evaluation groups, reused by step 1
+    engine: object | None = None  # sampler: vllm -- the engine the rollouts come from, refreshed after every update
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (refills, skips, predictions)
 
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -284,6 +286,9 @@ def start_run(config: GRPOConfig, ctx: WorkloadContext) -> GRPORun:
     run.totals = dict.fromkeys(TOTALS, 0.0)
     if resuming:
         load_checkpoint(run, ctx.resume_from)
+    # built from the weights the policy holds now (resumed or not), seeded once per rank
+    run.engine = build_for(config, policy, tokenizer, ctx.resume_from if resuming else config.model, device,
+                           seed=config.seed * 1_000_003 + ctx.rank)
     if distributed:
         run.train_model = DistributedDataParallel(policy)
     return run
@@ -310,7 +315,7 @@ def sample_groups(run: GRPORun, input_ids: list[int]) -> list[Group]:
         prompts = prompts_of(config.task, examples, run.tokenizer, config.generation,
                              run.policy.config.is_encoder_decoder, "ppo")
         scored = sample_and_score(run.policy, run.tokenizer, run.reward_fn, prompts, config.num_samples_per_input,
-                                  config.generation)
+                                  config.generation, engine=run.engine)
         K = config.num_samples_per_input
         for j, (input_id, example) in enumerate(zip(chunk, examples)):
             rows = slice(j * K, (j + 1) * K)
@@ -577,6 +582,8 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     seconds["record_seconds"] = time.perf_counter() - tic
     tic = time.perf_counter()
     update = grpo_update(run, rollout.train)
+    if run.engine is not None:  # the next rollout samples the updated policy (TRL colocate: sync_weights)
+        run.engine.refresh_weights(run.policy)
     seconds["update_seconds"] = time.perf_counter() - tic
     if step == 1:
         run.cache.clear()  # the step-0 samples are stale once the policy has moved
@@ -650,6 +657,8 @@ def run_grpo(config: GRPOConfig, ctx: WorkloadContext) -> dict:
         final.update(reward_by_initial_std(run, final_step, rows))
         final["eval_reward_mean"] = _mean_over_ranks(run, [r["reward_mean"] for r in rows])
     report(run, final, final_step)
+    if run.engine is not None:
+        run.engine.close()
     return final
 
 
