@@ -23,6 +23,7 @@ from workloads.text import config as text_config
 from workloads.text import extract, grpo
 from workloads.text.extract_config import ExtractConfig
 from workloads.text.grpo_config import GRPOConfig
+from workloads.text.rewards import Reward
 from workloads.text.sampling import sample_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,7 @@ class StandInEngine:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer, self.calls, self.refreshes = model, tokenizer, [], []
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def sample(self, prompt_ids, num_samples, gen):
         self.calls.append((len(prompt_ids), num_samples, gen.temperature))
@@ -112,16 +114,20 @@ def test_extract_samples_through_the_engine_and_recomputes_log_probs_with_the_mo
     assert engine.calls == [(2, 3, 1.0), (2, 3, 1.0)] and summary["num_inputs"] == 4
 
 
-def test_grpo_refreshes_the_engine_after_every_update(stand_in, tmp_path):
+def test_grpo_refreshes_the_engine_after_every_update(stand_in, tmp_path, monkeypatch):
+    # the random-init model earns reward 0 on `reverse`: a reward with spread, so that updates move it
+    monkeypatch.setattr(grpo, "get_reward", lambda *_: lambda prompts, texts, refs: [
+        Reward(float(len(t) % 2)) for t in texts])
     config = GRPOConfig.model_validate(dict(model="builtin:tiny-gpt2", task="reverse", num_train_inputs=8,
-                                            inputs_per_step=4, num_samples_per_input=2, num_steps=2,
-                                            learning_rate=1e-2, generation={"max_new_tokens": 6},
+                                            inputs_per_step=4, num_samples_per_input=4, num_steps=2,
+                                            learning_rate=1e-2, generation={"max_new_tokens": 12},
                                             monitor_grad_norm=False, sampler="vllm"))
     grpo.run_grpo(config, local_context(str(tmp_path), show_progress=False))
     (engine,) = stand_in
-    assert len(engine.refreshes) == config.num_steps
+    assert len(engine.refreshes) == config.num_steps  # once per update (VLLMSampler.build loads the start)
     first, second = engine.refreshes
-    assert any(not torch.equal(first[k], second[k]) for k in first)  # a new policy each time
+    for before, after in ((engine.initial, first), (first, second)):  # each refresh carries a policy the update moved
+        assert any(not torch.equal(before[k], after[k]) for k in before)
     assert engine.calls  # every rollout and evaluation came from the engine
 
 
