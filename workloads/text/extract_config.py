@@ -7,10 +7,10 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..core.config import REWARD_STD_THRESHOLDS, Thresholds
-from .config import GRAD_NORM_OF, MODEL_DTYPE, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig
+from .config import GRAD_NORM_OF, MODEL_DTYPE, GenerationConfig, GradNormOf, ModelDType, SampledTaskConfig
 
 
-class ExtractConfig(TextTaskConfig):
+class ExtractConfig(SampledTaskConfig):
     """Sample extraction: K samples per input, rewards, reward std and gradient norms.
 
     Paper section 4: K samples per input, their rewards, per-input reward

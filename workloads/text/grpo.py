@@ -63,6 +63,7 @@ from .ppo import bucket_of, std_buckets
 from .rewards import get_reward
 from .sampling import Prompts, SamplingModel, ScoredSamples, prompts_of, sample_and_score, table_rows
 from .tasks import choose_inputs, get_examples, resolve_reward
+from .vllm_sampler import build_for
 
 STATE_FILE = "rlgrad_grpo_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -240,6 +241,7 @@ class GRPORun:
     initial_std: dict[int, float] = field(default_factory=dict)
     initial_reward: dict[int, float] = field(default_factory=dict)
     cache: dict[int, Group] = field(default_factory=dict)  # step-0 evaluation groups, reused by step 1
+    engine: object | None = None  # sampler: vllm -- the engine the rollouts come from, refreshed after every update
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (refills, skips, predictions)
     sampler: SamplingModel | None = None  # what generate() runs: the policy, or its copy in the sampling dtype
 
@@ -286,9 +288,14 @@ def start_run(config: GRPOConfig, ctx: WorkloadContext) -> GRPORun:
     run.totals = dict.fromkeys(TOTALS, 0.0)
     if resuming:
         load_checkpoint(run, ctx.resume_from)
+    # sampler: vllm -- built from the weights the policy holds now (resumed or not), in the
+    # sampling dtype, seeded once per rank; else generate() on the policy or its sampling-dtype copy
+    sampling_dtype = resolve_dtype(config.dtype, device)
+    run.engine = build_for(config, policy, tokenizer, ctx.resume_from if resuming else config.model, device,
+                           seed=config.seed * 1_000_003 + ctx.rank, dtype=sampling_dtype)
     if distributed:
         run.train_model = DistributedDataParallel(policy)
-    run.sampler = SamplingModel(policy, resolve_dtype(config.dtype, device))
+    run.sampler = SamplingModel(policy, policy.dtype if run.engine is not None else sampling_dtype)  # after DDP's broadcast
     return run
 
 
@@ -312,8 +319,8 @@ def sample_groups(run: GRPORun, input_ids: list[int]) -> list[Group]:
         # rollouts are cut where the reference's RL environment cuts them (stage "ppo")
         prompts = prompts_of(config.task, examples, run.tokenizer, config.generation,
                              run.policy.config.is_encoder_decoder, "ppo")
-        scored = sample_and_score(run.sampler.model, run.tokenizer, run.reward_fn, prompts, config.num_samples_per_input,
-                                  config.generation)
+        scored = sample_and_score(run.sampler.model, run.tokenizer, run.reward_fn, prompts,
+                                  config.num_samples_per_input, config.generation, engine=run.engine)
         K = config.num_samples_per_input
         for j, (input_id, example) in enumerate(zip(chunk, examples)):
             rows = slice(j * K, (j + 1) * K)
@@ -581,6 +588,8 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     tic = time.perf_counter()
     update = grpo_update(run, rollout.train)
     run.sampler.refresh()  # the next samples come from the updated policy
+    if run.engine is not None:  # ... and so do vLLM's (TRL colocate: sync_weights)
+        run.engine.refresh_weights(run.policy)
     seconds["update_seconds"] = time.perf_counter() - tic
     if step == 1:
         run.cache.clear()  # the step-0 samples are stale once the policy has moved
@@ -654,6 +663,8 @@ def run_grpo(config: GRPOConfig, ctx: WorkloadContext) -> dict:
         final.update(reward_by_initial_std(run, final_step, rows))
         final["eval_reward_mean"] = _mean_over_ranks(run, [r["reward_mean"] for r in rows])
     report(run, final, final_step)
+    if run.engine is not None:
+        run.engine.close()
     return final
 
 

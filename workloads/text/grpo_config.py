@@ -14,14 +14,14 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from ..core.config import REWARD_STD_THRESHOLDS, Thresholds
-from .config import (GRAD_NORM_OF, MODEL_DTYPE, TRAIN_DTYPE, GenerationConfig, GradNormOf, ModelDType, TextTaskConfig,
-                     TrainDType)
+from .config import (GRAD_NORM_OF, MODEL_DTYPE, TRAIN_DTYPE, GenerationConfig, GradNormOf, ModelDType,
+                     SampledTaskConfig, TrainDType)
 
 VARIANTS = ("grpo", "dr_grpo", "rloo", "dapo")
 DAPO_EPSILON_HIGH = 0.28  # DAPO (Yu et al. 2025) clip-higher default
 
 
-class GRPOConfig(TextTaskConfig):
+class GRPOConfig(SampledTaskConfig):
     """Critic-free group policy gradient: GRPO, Dr. GRPO, RLOO, DAPO, zero-std mitigations.
 
     Every sampled prompt's reward std and gradient norm is recorded at every step."""

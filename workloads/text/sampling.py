@@ -89,8 +89,14 @@ class SamplingModel:
 
 
 def sample_outputs(model, tokenizer, prompt_ids: list[list[int]], num_samples: int,
-                   gen: GenerationConfig, logits_processor_factory=None) -> list[list[int]]:
-    """K samples for each prompt from ONE generate() call (num_return_sequences=K), prompt-major."""
+                   gen: GenerationConfig, logits_processor_factory=None, engine=None) -> list[list[int]]:
+    """K samples for each prompt from ONE generate() call (num_return_sequences=K), prompt-major;
+    from `engine` instead when given (a `workloads.text.vllm_sampler.VLLMSampler`, config
+    `sampler: vllm`), which returns the same structure."""
+    if engine is not None:
+        if logits_processor_factory is not None:
+            raise ValueError("the vLLM sampler takes no logits processor (NLPO's action mask): use sampler: hf")
+        return engine.sample(prompt_ids, num_samples, gen)
     return generate_outputs(
         model, tokenizer, prompt_ids, num_return_sequences=num_samples, do_sample=True,
         temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
@@ -109,9 +115,9 @@ def score_outputs(tokenizer, reward_fn, prompts: list[str], input_references: li
 
 
 def sample_and_score(model, tokenizer, reward_fn, prompts: Prompts, num_samples: int,
-                     gen: GenerationConfig, logits_processor_factory=None) -> ScoredSamples:
-    """K samples for every prompt, decoded and scored."""
-    outputs = sample_outputs(model, tokenizer, prompts.ids, num_samples, gen, logits_processor_factory)
+                     gen: GenerationConfig, logits_processor_factory=None, engine=None) -> ScoredSamples:
+    """K samples for every prompt (from `engine` when given), decoded and scored."""
+    outputs = sample_outputs(model, tokenizer, prompts.ids, num_samples, gen, logits_processor_factory, engine)
     texts, rewards = score_outputs(tokenizer, reward_fn, prompts.texts, prompts.references, outputs, num_samples)
     return ScoredSamples.of(num_samples, outputs, texts, rewards)
 
