@@ -229,7 +229,8 @@ def test_tiny_grpo_raises_reward(tmp_path):
 # ---------------------------------------------------------------- two ranks (DDP)
 
 
-def _scripted_sample_and_score(model, tokenizer, reward_fn, prompts, num_samples, gen, logits_processor_factory=None):
+def _scripted_sample_and_score(model, tokenizer, reward_fn, prompts, num_samples, gen, logits_processor_factory=None,
+                               engine=None):
     """Completions and rewards fixed by the prompt's token ids (no RNG): the same groups
     whichever rank samples a prompt, so one process and two ranks train on the same data."""
     from workloads.text.rewards import Reward
