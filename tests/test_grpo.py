@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -205,6 +206,47 @@ def test_every_variant_runs_and_checkpoints(tmp_path, variant):
     assert all(math.isfinite(metrics[k]) for k in ("loss", "kl", "clip_fraction", "eval_reward_mean"))
     assert os.path.isfile(os.path.join(ctx.checkpoint_path, "rlgrad_grpo_state.json"))
     load_model_and_tokenizer(ctx.checkpoint_path)
+
+
+def test_resume_from_mid_run_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path):
+    from workloads.text.models import load_model_and_tokenizer
+
+    # p(1-p) selection and skipping read the prompts' history, so a resume that lost it would choose other prompts
+    settings = dict(num_steps=4, checkpoint_every_steps=2, selection="variance", skip_predicted_zero_std=True)
+    checkpoints = {}
+    full = local_context(str(tmp_path / "full"), show_progress=False)
+    forward = full.report_fn
+
+    def keep_every_checkpoint(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            checkpoints[metrics["step"]] = shutil.copytree(checkpoint_dir, tmp_path / f"ckpt-{metrics['step']}")
+        forward(metrics, checkpoint_dir)
+
+    full.report_fn = keep_every_checkpoint
+    grpo.run_grpo(GRPOConfig.model_validate({**TINY, **settings}), full)
+    assert sorted(checkpoints) == [2, 4]
+    # the mid-run checkpoint carries the optimiser's moments; the final one, which nothing trains on from, does not
+    assert grpo.OPTIMIZER_FILE in os.listdir(checkpoints[2]) and grpo.OPTIMIZER_FILE not in os.listdir(checkpoints[4])
+
+    resumed = local_context(str(tmp_path / "resumed"), show_progress=False)
+    resumed.resume_from = str(checkpoints[2])
+    grpo.run_grpo(GRPOConfig.model_validate({**TINY, **settings}), resumed)
+    # it goes on at step 3 (no step-0 evaluation again) and, with weights, moments, history and
+    # per-step seeds restored, repeats the uninterrupted run's steps 3 and 4 exactly
+    assert [r["step"] for r in resumed.reported] == [3, 4, 4]
+    for key in ("reward_mean", "share_zero_std", "num_prompts_sampled", "skipped_prompts", "cumulative_rollouts_saved",
+                "loss", "eval_reward_mean"):
+        assert [r.get(key) for r in resumed.reported] == [r.get(key) for r in full.reported[2:]], key
+    a, _ = load_model_and_tokenizer(resumed.checkpoint_path)
+    b, _ = load_model_and_tokenizer(full.checkpoint_path)
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=key)
+
+    # a retry from the final checkpoint (no moments in it) only evaluates again
+    again = local_context(str(tmp_path / "again"), show_progress=False)
+    again.resume_from = str(checkpoints[4])
+    metrics = grpo.run_grpo(GRPOConfig.model_validate({**TINY, **settings}), again)
+    assert [r["step"] for r in again.reported] == [4] and metrics["eval_reward_mean"] == full.reported[-1]["eval_reward_mean"]
 
 
 # reverse after a short SFT, GRPO on exactly the pool it evaluates (measured with this

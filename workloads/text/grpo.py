@@ -604,9 +604,14 @@ def grpo_step(run: GRPORun, step: int) -> dict:
 
 
 def save_checkpoint(run: GRPORun, step: int, directory: str) -> None:
+    """Weights + tokenizer (loadable by every workload) and the run's state. The AdamW
+    moments (2x the weights: 1.1 GB of a 1.6 GB SmolLM2 checkpoint) only matter to a run
+    that goes on training, so the final checkpoint, which a later stage loads as a
+    model and a retry only re-evaluates, leaves them out."""
     run.policy.save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
-    torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+    if step < run.config.num_steps:
+        torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump({"step": step, "totals": run.totals,
                    "history": {str(k): v for k, v in run.history.items()},
@@ -615,10 +620,11 @@ def save_checkpoint(run: GRPORun, step: int, directory: str) -> None:
 
 
 def load_checkpoint(run: GRPORun, directory: str) -> None:
-    run.optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=run.device,
-                                             weights_only=True))
     with open(os.path.join(directory, STATE_FILE)) as f:
         state = json.load(f)
+    if state["step"] < run.config.num_steps:  # training goes on: it needs the optimiser's moments
+        run.optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=run.device,
+                                                 weights_only=True))
     run.step, run.totals = state["step"], state["totals"]
     run.history = {int(k): [tuple(o) for o in v] for k, v in state["history"].items()}
     run.initial_std = {int(k): v for k, v in state["initial_std"].items()}
