@@ -216,7 +216,11 @@ def trajectory_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
 
 def _extract_figures(inputs: pd.DataFrame, labels: dict[str, str]) -> list:
     figs: list = []
-    # a trial measured at several steps (PPO's monitor set) gets one trace per step
+    # a trial measured at many steps (GRPO at every rollout, PPO's monitor set) is drawn at
+    # its first and last step; the steps between are in the per-prompt trajectory figures
+    steps = inputs.groupby("trial")["step"]
+    inputs = inputs[(inputs["step"] == steps.transform("min")) | (inputs["step"] == steps.transform("max"))]
+    # ... as one trace per step
     if inputs.groupby("trial")["step"].nunique().max() > 1:
         inputs = inputs.assign(trial=inputs["trial"] + "@" + inputs["step"].astype(str))
         labels = {**labels, **{f"{t}@{s}": f"{labels.get(t, t)} @ step {s}"

@@ -195,6 +195,9 @@ def test_per_step_inputs_rows(tmp_path):
     page = open(build_report(str(tmp_path / "rows"), "local"), encoding="utf-8").read()
     started_zero = int((inputs[inputs.step == 0].reward_std == 0).sum())
     assert 'id="trajectories-trial"' in page and f"{started_zero} of {P} prompts started at reward std 0" in page
+    # the scatter plots draw the trial before and after training; the steps between are the trajectories'
+    assert "trial @ step 0" in page and f"trial @ step {N}" in page
+    assert not any(f"trial @ step {s}" in page for s in range(1, N))
 
 
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "rloo", "dapo"])
