@@ -7,12 +7,11 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 
 import pytest
 import torch
 
-from conftest import read_local_table
+from conftest import keep_every_checkpoint, read_local_table
 from workloads.core.context import local_context
 from workloads.text import grpo
 from workloads.text.grpo import (aggregate_loss, choose_prompts, clipped_token_loss, group_advantages, k3_kl,
@@ -218,14 +217,7 @@ def test_resume_from_mid_run_checkpoint_ends_where_the_uninterrupted_run_ends(tm
     settings = dict(num_steps=4, checkpoint_every_steps=2, selection="variance", skip_predicted_zero_std=True)
     checkpoints = {}
     full = local_context(str(tmp_path / "full"), show_progress=False)
-    forward = full.report_fn
-
-    def keep_every_checkpoint(metrics, checkpoint_dir):
-        if checkpoint_dir is not None:
-            checkpoints[metrics["step"]] = shutil.copytree(checkpoint_dir, tmp_path / f"ckpt-{metrics['step']}")
-        forward(metrics, checkpoint_dir)
-
-    full.report_fn = keep_every_checkpoint
+    keep_every_checkpoint(full, checkpoints, tmp_path)
     grpo.run_grpo(GRPOConfig.model_validate({**TINY, **settings}), full)
     assert sorted(checkpoints) == [2, 4]
     # the mid-run checkpoint carries the optimiser's moments; the final one, which nothing trains on from, does not

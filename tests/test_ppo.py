@@ -5,7 +5,6 @@ resumption from a mid-run checkpoint, and the config's cross-field rules."""
 
 import math
 import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +12,7 @@ import pydantic
 import pytest
 import torch
 
-from conftest import read_local_table
+from conftest import keep_every_checkpoint, read_local_table
 from workloads.text.ppo_config import PPOConfig
 from workloads.text.sft_config import SFTConfig
 from workloads.core.context import local_context
@@ -194,14 +193,7 @@ LEARNS = dict(num_rollouts=20, eval_every_rollouts=10, num_train_inputs=32, num_
 def ppo(tmp_path, name, report_copies=None, **overrides):
     ctx = local_context(str(tmp_path / name), show_progress=False)
     if report_copies is not None:  # keep every checkpoint, not only the latest
-        forward = ctx.report_fn
-
-        def report_fn(metrics, checkpoint_dir):
-            if checkpoint_dir is not None:
-                report_copies[metrics["step"]] = shutil.copytree(checkpoint_dir, tmp_path / f"ckpt-{metrics['step']}")
-            forward(metrics, checkpoint_dir)
-
-        ctx.report_fn = report_fn
+        keep_every_checkpoint(ctx, report_copies, tmp_path)
     metrics = run_ppo(PPOConfig.model_validate({**SMALL, **overrides}), ctx)
     return metrics, ctx
 
