@@ -23,10 +23,10 @@ from workloads.text.ppo import (
     generalized_advantages,
     kl_penalised_rewards,
     run_ppo,
-    std_buckets,
     update_kl_coef,
     value_loss,
 )
+from workloads.text.rl_loop import OPTIMIZER_FILE, STATE_FILE, std_buckets
 from workloads.text.sft import run_sft
 
 # ---------------------------------------------------------------- the math, by hand
@@ -262,9 +262,12 @@ def test_monitor_rows_in_metrics_table(causal_run):
     # the same numbers went to ctx.report, one report per rollout plus the final one
     assert [r["step"] for r in ctx.reported] == list(range(1, num_rollouts + 1)) + [num_rollouts]
     assert ctx.reported[0]["reward_mean"] == pytest.approx(train.loc[1, "reward_mean"])
-    # the monitor set by its initial reward std, at every evaluation
-    monitor = metrics[metrics.split.str.startswith("monitor")]
-    assert set(monitor.step) == {0, LEARNS["eval_every_rollouts"], num_rollouts}
+    # the monitor set, and by its initial reward std, at every evaluation
+    for split in ("eval", "eval_initial_std_lt_0.01", "eval_initial_std_ge_0.1"):
+        assert set(metrics[metrics.split == split].step) == {0, LEARNS["eval_every_rollouts"], num_rollouts}, split
+    final = ctx.reported[-1]
+    evaluated = read(tmp, "causal", "inputs")
+    assert final["eval_reward_mean"] == pytest.approx(evaluated[evaluated.step == num_rollouts].reward_mean.mean())
 
 
 def test_inputs_and_samples_tables_before_and_after(causal_run, sft_checkpoint):
@@ -293,7 +296,9 @@ def test_final_checkpoint_loads_and_differs_from_start(causal_run, sft_checkpoin
     trained, _ = load_model_and_tokenizer(ctx.checkpoint_path)
     initial, _ = load_model_and_tokenizer(sft_checkpoint)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
-    assert {"value_head.pt", "optimizer.pt", "rlgrad_ppo_state.json"} <= set(os.listdir(ctx.checkpoint_path))
+    # the final checkpoint: the critic and the run's state, not AdamW's moments (nothing trains on from it)
+    assert {"value_head.pt", "value_model", STATE_FILE} <= set(os.listdir(ctx.checkpoint_path))
+    assert OPTIMIZER_FILE not in os.listdir(ctx.checkpoint_path)
     assert metrics["step"] == LEARNS["num_rollouts"]
 
 
@@ -302,6 +307,7 @@ def test_resume_from_mid_run_checkpoint_continues_at_saved_step(sft_checkpoint, 
     checkpoints = {}
     full, full_ctx = ppo(tmp_path, "full", report_copies=checkpoints, **settings)
     assert sorted(checkpoints) == [2, 4]
+    assert OPTIMIZER_FILE in os.listdir(checkpoints[2])  # a mid-run checkpoint keeps the moments
 
     ctx = local_context(str(tmp_path / "resumed"), show_progress=False)
     ctx.resume_from = str(checkpoints[2])
@@ -399,7 +405,7 @@ def _ddp_worker(rank, tmp, model):
 
 def test_distributed_two_ranks(sft_checkpoint, tmp_path):
     """Two gloo ranks: the same reports on both (metrics all-reduced), only rank 0 hands
-    over checkpoints, and each rank writes its own chunk of the monitor set."""
+    over checkpoints, and each rank writes its own share of the monitor set."""
     torch.multiprocessing.spawn(_ddp_worker, args=(tmp_path, sft_checkpoint), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert len(rank0["reported"]) == len(rank1["reported"]) == 3
@@ -413,5 +419,4 @@ def test_distributed_two_ranks(sft_checkpoint, tmp_path):
     assert sorted(inputs.step.unique()) == [0, 2]
     assert inputs.groupby("step").input_id.nunique().tolist() == [6, 6]
     shards = sorted(os.listdir(tmp_path / "results" / "local" / "inputs" / "stage" / "trial"))
-    assert shards == [f"monitor-step-{s:09d}-inputs-{a}.parquet" for s in (0, 2) for a in ("000000-000002",
-                                                                                              "000003-000005")]
+    assert shards == [f"eval-step-{s:09d}-rank-{r:03d}.parquet" for s in (0, 2) for r in (0, 1)]

@@ -44,6 +44,11 @@ class WorkloadContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def resume_directory(self) -> str | None:
+        """The checkpoint a retried worker continues from, if there is one on disk."""
+        return self.resume_from if self.resume_from and os.path.isdir(self.resume_from) else None
+
     def model_name(self, configured: str) -> str:
         """The model as a user can find it again: the configured name, or the checkpoint it came from."""
         return self.model_source or configured

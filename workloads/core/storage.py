@@ -224,6 +224,16 @@ class TrialStorage:
         path = self.root.path(*self._shard(table, shard))
         return pq.read_table(path, filesystem=self.root.fs, columns=columns).to_pylist()
 
+    def write_samples_and_inputs(self, shard: str, sample_rows, input_rows) -> None:
+        """One shard of sampled inputs: `samples` first, then `inputs`, whose file marks the
+        shard done (a worker killed between the two leaves a shard that is written again)."""
+        self.write("samples", shard, sample_rows)
+        self.write("inputs", shard, input_rows)
+
+    def written_inputs(self, shard: str, columns: list[str]) -> list[dict] | None:
+        """The `inputs` rows of a shard a previous attempt finished (a retry reuses them), or None."""
+        return self.read("inputs", shard, columns) if self.exists("inputs", shard) else None
+
     def read_table(self, table: str) -> pa.Table | None:
         """All of this trial's shards of `table` (every worker's), or None."""
         return self.root.read_table(self.sweep, table, self.stage, self.trial)

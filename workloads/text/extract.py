@@ -23,7 +23,8 @@ from .extract_config import ExtractConfig
 from .gradnorm import per_input_grad_norms
 from .models import load_model_and_tokenizer, resolve_dtype, sequence_log_probs
 from .rewards import get_reward
-from .sampling import SamplingModel, ScoredSamples, prompts_of, sample_outputs, score_outputs, table_rows
+from .sampling import (SamplingModel, ScoredSamples, engine_seed, prompts_of, sample_outputs, score_outputs, shard_seed,
+                       table_rows)
 from .tasks import choose_inputs, get_examples, resolve_reward
 from .vllm_sampler import build_for
 
@@ -43,7 +44,7 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     # sampler: vllm -- an engine in this worker holding the model in the sampling dtype, seeded
     # once (its stream is not hf's); else generate() on the model or its sampling-dtype copy
     engine = build_for(config, grad_model, tokenizer, config.model, ctx.device,
-                       seed=config.seed * 1_000_003 + ctx.rank, dtype=sampling_dtype)
+                       seed=engine_seed(config.seed, ctx.rank), dtype=sampling_dtype)
     model = grad_model if engine is not None else SamplingModel(grad_model, sampling_dtype).model
     reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
 
@@ -60,18 +61,17 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     seconds = {"generate": 0.0, "score": 0.0, "grad_norm": 0.0}
     for first, last in my_shards:
         name = shard_name(first, last)
-        if ctx.writer.exists("samples", name) and ctx.writer.exists("inputs", name):
-            input_rows += ctx.writer.read("inputs", name, SUMMARY_COLUMNS)  # resumption: reuse it for the summary
+        written = ctx.writer.written_inputs(name, SUMMARY_COLUMNS)
+        if written is not None:  # resumption: the shard is done; reuse its rows for the summary
+            input_rows += written
             totals["shards_skipped"] += 1
             progress.update(last - first + 1)
             continue
         # the same shard always draws the same samples, whichever worker runs it
-        torch.manual_seed(config.seed * 1_000_003 + first)
+        torch.manual_seed(shard_seed(config.seed, first))
         samples, inputs = extract_shard(config, model, grad_model, tokenizer, reward_fn, chosen[first : last + 1],
                                         ctx.model_name(config.model), seconds, progress, engine)
-        # samples first: a shard counts as done only once its `inputs` file exists
-        ctx.writer.write("samples", name, samples)
-        ctx.writer.write("inputs", name, inputs)
+        ctx.writer.write_samples_and_inputs(name, samples, inputs)
         input_rows += inputs
         totals["samples"] += len(samples)
         totals["tokens"] += sum(row["num_tokens"] for row in samples)

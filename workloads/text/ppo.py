@@ -36,47 +36,42 @@ linear value head on its last hidden state at the position that predicts y_t
 off throughout, as in the reference, whose update leaves the policy in eval mode
 (ppo.py: `set_training_mode(True)` is commented out; alg_wrappers.py sets False).
 
-Before training and at the end (and every `eval_every_rollouts` rollouts) a FIXED
+PPO runs the RL loop every algorithm shares (workloads/text/rl_loop.py): before
+training and at the end (and every `eval_every_rollouts` rollouts) a FIXED
 monitor set -- the first `num_eval_inputs` inputs of the train pool -- gets K
 samples each, written as `samples` and `inputs` rows at that step: per-input
 reward improvement against initial reward std is the paper's evidence.
 
 Under torch.distributed with world_size > 1 the actor-critic is one
 DistributedDataParallel module, every rank takes its slice of each batch's
-inputs and its share of rollout_tokens (and a contiguous chunk of the monitor
-set), and metrics are summed over ranks with all_reduce. Every rank reports
-once per rollout plus once at the end.
+inputs and its share of rollout_tokens (and every world_size-th input of the
+monitor set), and metrics are summed over ranks with all_reduce. Every rank
+reports once per rollout plus once at the end.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from ..core.context import WorkloadContext
-from .config import grad_norm_temperature
-from .gradnorm import per_input_grad_norms, reward_stats
-from .models import load_model_and_tokenizer, output_logits, resolve_dtype, sequence_log_probs, token_log_probs
+from .gradnorm import reward_stats
+from .models import load_model_and_tokenizer, output_logits, resolve_dtype, token_log_probs
 from .nlpo import ActionMasker
 from .nlpo_config import NLPOConfig
 from .ppo_config import PPOConfig
-from .rewards import get_reward
-from .sampling import Prompts, SamplingModel, ScoredSamples, prompts_of, sample_and_score, table_rows
-from .tasks import choose_inputs, get_examples, resolve_reward, split_size
+from .rl_loop import RLRun, Ranks, bucket_of, std_buckets, train
+from .sampling import Group, Prompts, ScoredSamples, choice_seed
+from .tasks import choose_inputs, split_size
 
 VALUE_HEAD_FILE = "value_head.pt"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "rlgrad_ppo_state.json"  # step done, kl_coef, initial monitor reward stds
 VALUE_MODEL_DIR = "value_model"  # the critic's language model, beside the policy's weights
 MASK_MODEL_DIR = "mask_model"  # NLPO's mask policy
 NO_WEIGHT_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # RL4LMs base_policy._setup_optimizer
@@ -181,15 +176,15 @@ def update_kl_coef(kl_coef: float, kl: float, target_kl: float | None) -> float:
     return kl_coef * (1.0 + 0.1 * error)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, sum_over_ranks) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, ranks: Ranks) -> float:
     """1 - Var(G - V) / Var(G) over the real tokens of all ranks: 1 = a perfect critic,
     <= 0 = no better than a constant. Variances from all-reduced sums of moments."""
     residual = returns - values
-    count, g1, g2, e1, e2 = sum_over_ranks(torch.stack([
-        mask.sum(), (returns * mask).sum(), (returns.square() * mask).sum(),
-        (residual * mask).sum(), (residual.square() * mask).sum()]).double()).tolist()
-    returns_variance = g2 / count - (g1 / count) ** 2
-    residual_variance = e2 / count - (e1 / count) ** 2
+    m = ranks.sum_named({"count": mask.sum().item(), "g1": (returns * mask).sum().item(),
+                         "g2": (returns.square() * mask).sum().item(), "e1": (residual * mask).sum().item(),
+                         "e2": (residual.square() * mask).sum().item()})
+    returns_variance = m["g2"] / m["count"] - (m["g1"] / m["count"]) ** 2
+    residual_variance = m["e2"] / m["count"] - (m["e1"] / m["count"]) ** 2
     return math.nan if returns_variance <= 0 else 1 - residual_variance / returns_variance
 
 
@@ -231,77 +226,8 @@ class ActorCritic(nn.Module):
 
 
 # ============================================================================
-# The monitor: reward-std buckets.
+# The run: the actor-critic beside the shared RL run (workloads/text/rl_loop.py).
 # ============================================================================
-
-
-def std_buckets(thresholds: list[float]) -> list[tuple[str, float, float]]:
-    """[0.01, 0.05, 0.1] -> std_lt_0.01 [0, 0.01), std_0.01_0.05, std_0.05_0.1, std_ge_0.1 [0.1, inf)."""
-    edges = [0.0, *thresholds, math.inf]
-    names = [f"std_lt_{thresholds[0]}"]
-    names += [f"std_{low}_{high}" for low, high in zip(thresholds, thresholds[1:])]
-    names += [f"std_ge_{thresholds[-1]}"]
-    return [(name, edges[i], edges[i + 1]) for i, name in enumerate(names)]
-
-
-def bucket_of(std: float, buckets: list[tuple[str, float, float]]) -> str:
-    return next(name for name, low, high in buckets if low <= std < high)
-
-
-# ============================================================================
-# What one run holds, and how it starts (fresh or from a checkpoint).
-# ============================================================================
-
-
-@dataclass
-class PPORun:
-    config: PPOConfig
-    ctx: WorkloadContext
-    device: torch.device
-    distributed: bool
-    tokenizer: object
-    actor_critic: ActorCritic
-    train_model: nn.Module  # actor_critic, wrapped in DistributedDataParallel under torch.distributed
-    reference: nn.Module  # π_ref: the frozen initial policy
-    optimizer: torch.optim.Optimizer
-    reward_fn: object
-    pool: list[int]  # the train inputs rollouts draw from; the monitor set is its head
-    masker: ActionMasker | None = None  # NLPO's mask policy; None for PPO
-    step: int = 0  # rollouts done
-    kl_coef: float = 0.0  # β, moved by the KL controller
-    initial_monitor_std: dict[int, float] = field(default_factory=dict)  # monitor input -> reward std at step 0
-    sampler: SamplingModel | None = None  # what generate() runs: the policy LM, or its copy in the sampling dtype
-
-    @property
-    def lm(self):
-        return self.actor_critic.lm
-
-    @property
-    def monitor_ids(self) -> list[int]:
-        return self.pool[: self.config.num_eval_inputs]
-
-    def sum_over_ranks(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
-        if self.distributed:
-            tensor = tensor.to(self.device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-        return tensor.cpu()
-
-    def prompts(self, input_ids: list[int]) -> tuple[list, Prompts]:
-        examples = get_examples(self.config.task, "train", input_ids, self.config.dataset_path)
-        return examples, prompts_of(self.config.task, examples, self.tokenizer, self.config.generation,
-                                    self.lm.config.is_encoder_decoder, "ppo")
-
-    def sample(self, prompts: Prompts) -> ScoredSamples:
-        return sample_and_score(self.sampler.model, self.tokenizer, self.reward_fn, prompts, self.config.num_samples_per_input,
-                                self.config.generation, self.masker.logits_processor if self.masker else None)
-
-    def grad_norms(self, prompts: Prompts, scored: ScoredSamples) -> list[float | None]:
-        """Each input's leave-one-out policy-gradient norm (workloads.text.gradnorm), or None when off."""
-        if not self.config.monitor_grad_norm:
-            return [None] * len(prompts.ids)
-        temperature = grad_norm_temperature(self.config.grad_norm_of, self.config.generation)
-        return per_input_grad_norms(self.lm, prompts.ids, scored.outputs_by_input(), scored.reward_matrix,
-                                    temperature=temperature).tolist()
 
 
 def optimizer_for(model: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
@@ -320,35 +246,67 @@ def train_pool(config: PPOConfig) -> list[int]:
     return choose_inputs(config.task, "train", size, config.seed, config.dataset_path)
 
 
-def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
-    """The policy and the critic (resumed or initial), the frozen reference, the optimiser and the data."""
-    if config.inputs_per_rollout % ctx.world_size:
-        raise ValueError(f"inputs_per_rollout ({config.inputs_per_rollout}) must be a multiple of the "
-                         f"{ctx.world_size} workers (every rank takes the same number of inputs)")
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    device = torch.device(ctx.device)
-    resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
-    lm, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, device, config.train_dtype)
-    value_lm, _ = load_model_and_tokenizer(os.path.join(ctx.resume_from, VALUE_MODEL_DIR) if resuming
-                                           else config.model, device, config.train_dtype)
-    reference, _ = load_model_and_tokenizer(config.model, device, config.train_dtype)  # π_ref = the initial policy
-    reference.eval().requires_grad_(False)
-    actor_critic = ActorCritic(lm, value_lm, config.generation.temperature).to(device)
-    actor_critic.eval()  # dropout off: see the module docstring
-    run = PPORun(config, ctx, device, distributed, tokenizer, actor_critic, actor_critic, reference,
-                 optimizer_for(actor_critic, config),
-                 reward_fn=get_reward(*resolve_reward(config.task, config.reward, config.reward_args)),
-                 pool=train_pool(config),
-                 kl_coef=config.kl_coef)
-    if isinstance(config, NLPOConfig):
-        run.masker = ActionMasker(lm, config.top_mask, config.min_tokens_to_keep, tokenizer.all_special_ids,
-                                  config.target_update_iterations)
-    if resuming:
-        load_checkpoint(run, ctx.resume_from)
-    if distributed:  # after loading: DDP broadcasts rank 0's parameters when it wraps them
-        run.train_model = DistributedDataParallel(actor_critic)
-    run.sampler = SamplingModel(lm, resolve_dtype(config.dtype, device))  # after DDP's broadcast
-    return run
+class PPORun(RLRun):
+    """The policy and the critic (resumed or initial), the frozen reference, the optimiser, the
+    KL controller and, for NLPO, the mask policy. The evaluation set (the "monitor set") is
+    the first num_eval_inputs inputs of the pool."""
+
+    name = "ppo"
+
+    def __init__(self, config: PPOConfig, ctx: WorkloadContext):
+        if config.inputs_per_rollout % ctx.world_size:
+            raise ValueError(f"inputs_per_rollout ({config.inputs_per_rollout}) must be a multiple of the "
+                             f"{ctx.world_size} workers (every rank takes the same number of inputs)")
+        super().__init__(config, ctx, train_pool(config))
+        self.eval_every, self.checkpoint_every = config.eval_every_rollouts, config.checkpoint_every_rollouts
+        value_lm, _ = load_model_and_tokenizer(os.path.join(self.resume_from, VALUE_MODEL_DIR) if self.resume_from
+                                               else config.model, self.device, config.train_dtype)
+        reference, _ = load_model_and_tokenizer(config.model, self.device, config.train_dtype)
+        self.reference = reference.eval().requires_grad_(False)  # π_ref = the initial policy
+        self.actor_critic = ActorCritic(self.policy, value_lm, config.generation.temperature).to(self.device)
+        self.actor_critic.eval()  # dropout off: see the module docstring
+        self.optimizer = optimizer_for(self.actor_critic, config)
+        self.kl_coef = config.kl_coef  # β, moved by the KL controller
+        self.masker = None  # NLPO's mask policy
+        if isinstance(config, NLPOConfig):
+            self.masker = ActionMasker(self.policy, config.top_mask, config.min_tokens_to_keep,
+                                       self.tokenizer.all_special_ids, config.target_update_iterations)
+            self.logits_processor = self.masker.logits_processor
+        self.restore()
+        self.train_model = self.actor_critic
+        if self.ranks.distributed:  # after loading: DDP broadcasts rank 0's parameters when it wraps them
+            self.train_model = DistributedDataParallel(self.actor_critic)
+        self.start_sampling(resolve_dtype(config.dtype, self.device))
+
+    num_steps = property(lambda self: self.config.num_rollouts)
+    evaluation_ids = property(lambda self: self.pool[: self.config.num_eval_inputs])
+    sampling_batch = property(lambda self: self.config.inputs_per_rollout)
+
+    def state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
+
+    def save_models(self, directory: str) -> None:
+        """The critic (its LM and head) and NLPO's mask policy beside the policy's weights."""
+        self.actor_critic.value_lm.save_pretrained(os.path.join(directory, VALUE_MODEL_DIR))
+        torch.save(self.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
+        if self.masker:
+            self.masker.model.save_pretrained(os.path.join(directory, MASK_MODEL_DIR))
+
+    def restore_state(self, state: dict, directory: str) -> None:
+        """The controller, the value head and the mask policy (the value LM is loaded as a model)."""
+        self.kl_coef = state["kl_coef"]
+        self.actor_critic.value_head.load_state_dict(torch.load(os.path.join(directory, VALUE_HEAD_FILE),
+                                                                map_location=self.device, weights_only=True))
+        if self.masker:
+            mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), self.device,
+                                                  self.config.train_dtype)
+            self.masker.refresh(mask_lm)
+
+    def progress_fields(self, metrics: dict) -> dict[str, str]:
+        return {"reward": f"{metrics['reward_mean']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+
+    def train_step(self, step: int) -> dict:
+        return ppo_iteration(self, step)
 
 
 # ============================================================================
@@ -358,8 +316,9 @@ def start_run(config: PPOConfig, ctx: WorkloadContext) -> PPORun:
 
 @dataclass
 class Rollout:
-    prompts: Prompts  # this rank's inputs of the step (every sampling batch)
-    scored: ScoredSamples  # K completions each, with task rewards
+    groups: list[Group]  # this rank's inputs of the step (every sampling batch), K completions each
+    prompts: Prompts  # the groups' prompts, as one batch
+    scored: ScoredSamples  # their completions (prompt-major) with task rewards
     completion_prompt_ids: list[list[int]]  # each completion's prompt ids (prompt-major, K per input)
     kept_tokens: list[int]  # per completion: its first tokens that the rollout keeps (rollout_tokens)
 
@@ -392,25 +351,22 @@ def collect_rollout(run: PPORun, step: int) -> Rollout:
     """1. Batches of inputs (the same draws on every rank, each rank its slice), K completions
     each, until every rank holds its share of rollout_tokens (RL4LMs: `while not buffer.full`)."""
     config, ctx = run.config, run.ctx
-    draws = random.Random(config.seed * 1_000_003 + step)
+    draws = random.Random(choice_seed(config.seed, step))
     quota = token_quota(config, ctx.rank, ctx.world_size)
-    batches = []
+    groups = []
     while True:
-        _, prompts = run.prompts(ctx.my_items(draws.sample(run.pool, config.inputs_per_rollout)))
-        batches.append((prompts, run.sample(prompts)))
-        tokens = sum(len(o) for _, scored in batches for o in scored.outputs)
-        short = torch.tensor([float(quota is not None and tokens < quota)])
-        if run.sum_over_ranks(short).item() == 0:  # every rank has its share (or there is no cap)
+        groups += run.sample_groups(ctx.my_items(draws.sample(run.pool, config.inputs_per_rollout)))
+        tokens = sum(len(o) for g in groups for o in g.scored.outputs)
+        short = quota is not None and tokens < quota
+        if run.ranks.sum_named({"short": short})["short"] == 0:  # every rank has its share (or there is no cap)
             break
-    prompts = Prompts([t for p, _ in batches for t in p.texts], [i for p, _ in batches for i in p.ids],
-                      [r for p, _ in batches for r in p.references])
-    scored = ScoredSamples.of(config.num_samples_per_input, [o for _, s in batches for o in s.outputs],
-                              [t for _, s in batches for t in s.texts], [r for _, s in batches for r in s.rewards])
+    prompts, scored = Group.joined(groups)
     kept, left = [], math.inf if quota is None else quota
     for output in scored.outputs:  # the buffer fills in completion order
         kept.append(int(min(len(output), left)))
         left -= kept[-1]
-    return Rollout(prompts, scored, [p for p in prompts.ids for _ in range(config.num_samples_per_input)], kept)
+    return Rollout(groups, prompts, scored, [p for p in prompts.ids for _ in range(config.num_samples_per_input)],
+                   kept)
 
 
 def penalised_advantages(run: PPORun, rollout: Rollout) -> Targets:
@@ -438,19 +394,18 @@ def ppo_update(run: PPORun, rollout: Rollout, targets: Targets) -> dict[str, flo
     returns each of UPDATE_STATISTICS averaged over the minibatches of all ranks."""
     config = run.config
     positions = targets.kept.nonzero().cpu()  # (completion, token) of every kept transition
-    total, fewest = (run.sum_over_ranks(torch.tensor([float(len(positions))])).item(),
-                     run.sum_over_ranks(torch.tensor([float(len(positions))]), op=dist.ReduceOp.MIN).item())
+    total = run.ranks.sum_named({"positions": len(positions)})["positions"]
     # the same number of minibatches on every rank (each backward all-reduces), none empty
-    num_minibatches = max(1, min(math.ceil(total / config.minibatch_size), int(fewest)))
+    num_minibatches = max(1, min(math.ceil(total / config.minibatch_size), run.ranks.min(len(positions))))
     sums = dict.fromkeys(UPDATE_STATISTICS, 0.0)
     for _ in range(config.ppo_epochs):
         order = torch.randperm(len(positions))
         for batch in order.tensor_split(num_minibatches):
             for name, value in minibatch_step(run, rollout, targets, positions[batch]).items():
                 sums[name] += value
-    totals = run.sum_over_ranks(torch.tensor([sums[name] for name in UPDATE_STATISTICS], dtype=torch.float64))
+    totals = run.ranks.sum_named(sums)
     count = config.ppo_epochs * num_minibatches * run.ctx.world_size
-    return {name: total / count for name, total in zip(UPDATE_STATISTICS, totals.tolist())}
+    return {name: total / count for name, total in totals.items()}
 
 
 def minibatch_step(run: PPORun, rollout: Rollout, targets: Targets, positions: torch.Tensor) -> dict[str, float]:
@@ -488,9 +443,8 @@ def minibatch_step(run: PPORun, rollout: Rollout, targets: Targets, positions: t
 def rollout_kl(run: PPORun, targets: Targets) -> float:
     """5. What the KL controller reads: the per-token mean of log π_old - log π_ref over
     every sampled token of the rollout, all ranks (alg_wrappers.py kl_div_mean)."""
-    total, count = run.sum_over_ranks(
-        torch.tensor([targets.token_kl.sum().item(), targets.mask.sum().item()], dtype=torch.float64)).tolist()
-    return total / count
+    totals = run.ranks.sum_named({"kl": targets.token_kl.sum().item(), "tokens": targets.mask.sum().item()})
+    return totals["kl"] / totals["tokens"]
 
 
 def rollout_statistics(run: PPORun, scored: ScoredSamples, grad_norms: list[float | None]):
@@ -500,24 +454,23 @@ def rollout_statistics(run: PPORun, scored: ScoredSamples, grad_norms: list[floa
     config = run.config
     thresholds = config.reward_std_thresholds
     buckets = std_buckets(thresholds)
-    names = [name for name, _, _ in buckets]
     reward_mean, reward_std, _ = reward_stats(scored.reward_matrix)
-    sums = torch.tensor([float(len(reward_std)), reward_std.sum().item(), reward_mean.sum().item(),
-                         *[(reward_std < t).sum().item() for t in thresholds]], dtype=torch.float64)
-    bucket_sums = torch.zeros(len(buckets), 3, dtype=torch.float64)  # inputs, reward sum, grad-norm sum
-    for i in range(len(reward_std)):
-        b = names.index(bucket_of(reward_std[i].item(), buckets))
-        bucket_sums[b] += torch.tensor([1.0, reward_mean[i].item(), grad_norms[i] or 0.0], dtype=torch.float64)
-    sums, bucket_sums = run.sum_over_ranks(sums), run.sum_over_ranks(bucket_sums)
-    num_inputs = sums[0].item()
-    statistics = {"reward_mean": sums[2].item() / num_inputs, "reward_std_mean": sums[1].item() / num_inputs,
-                  **{f"share_reward_std_below_{t}": sums[3 + j].item() / num_inputs for j, t in enumerate(thresholds)}}
+    sums = {"inputs": len(reward_std), "reward_std": reward_std.sum().item(), "reward": reward_mean.sum().item(),
+            **{f"below_{t}": (reward_std < t).sum().item() for t in thresholds}}
+    for name, _, _ in buckets:
+        mine = [i for i in range(len(reward_std)) if bucket_of(reward_std[i].item(), buckets) == name]
+        sums.update({f"{name}/inputs": len(mine), f"{name}/reward": sum(reward_mean[i].item() for i in mine),
+                     f"{name}/grad_norm": sum(grad_norms[i] or 0.0 for i in mine)})
+    sums = run.ranks.sum_named(sums)
+    num_inputs = sums["inputs"]
+    statistics = {"reward_mean": sums["reward"] / num_inputs, "reward_std_mean": sums["reward_std"] / num_inputs,
+                  **{f"share_reward_std_below_{t}": sums[f"below_{t}"] / num_inputs for t in thresholds}}
     by_bucket = {}
-    for b, name in enumerate(names):
-        count, reward_sum, grad_sum = bucket_sums[b].tolist()
-        by_bucket[name] = {"num_prompts": count, "reward_mean": reward_sum / count if count else None}
+    for name, _, _ in buckets:
+        count = sums[f"{name}/inputs"]
+        by_bucket[name] = {"num_prompts": count, "reward_mean": sums[f"{name}/reward"] / count if count else None}
         if config.monitor_grad_norm:
-            by_bucket[name]["grad_norm"] = grad_sum / count if count else None
+            by_bucket[name]["grad_norm"] = sums[f"{name}/grad_norm"] / count if count else None
     return statistics, by_bucket
 
 
@@ -530,15 +483,15 @@ def ppo_iteration(run: PPORun, step: int) -> dict:
     seconds["rollout_seconds"] = time.perf_counter() - tic
 
     tic = time.perf_counter()  # the monitor's gradient norms: before the update, at the policy that sampled
-    grad_norms = run.grad_norms(rollout.prompts, rollout.scored)
+    grad_norms = run.grad_norms(rollout.groups)
     seconds["grad_norm_seconds"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     targets = penalised_advantages(run, rollout)
     if run.masker and step % run.masker.update_every == 0:  # after the rollout, before the update (nlpo.py learn)
-        run.masker.refresh(run.lm)
+        run.masker.refresh(run.policy)
     update = ppo_update(run, rollout, targets)
-    run.sampler.refresh()  # the next rollout samples the updated policy
+    run.refresh_sampling()  # the next rollout samples the updated policy
     seconds["update_seconds"] = time.perf_counter() - tic
 
     kl = rollout_kl(run, targets)
@@ -546,11 +499,10 @@ def ppo_iteration(run: PPORun, step: int) -> dict:
     run.kl_coef = update_kl_coef(run.kl_coef, kl, config.target_kl)
 
     statistics, by_bucket = rollout_statistics(run, rollout.scored, grad_norms)
-    num_tokens = run.sum_over_ranks(torch.tensor([targets.kept.sum().item()], dtype=torch.float64)).item()
+    num_tokens = run.ranks.sum_named({"tokens": targets.kept.sum().item()})["tokens"]
     metrics = {"step": step, **statistics, "kl": kl, "kl_coef": kl_coef_used, "next_kl_coef": run.kl_coef,
-               **update,
-               "explained_variance": explained_variance(targets.old_values, targets.returns, targets.kept,
-                                                        run.sum_over_ranks),
+               **update, "explained_variance": explained_variance(targets.old_values, targets.returns, targets.kept,
+                                                                  run.ranks),
                "rollout_tokens": num_tokens, **seconds}
     ctx.log_metrics(step, {k: v for k, v in metrics.items() if k != "step"})
     for name, bucket_metrics in by_bucket.items():
@@ -559,148 +511,5 @@ def ppo_iteration(run: PPORun, step: int) -> dict:
     return metrics
 
 
-# ============================================================================
-# The fixed monitor set: the paper's evidence, written to the tables.
-# ============================================================================
-
-
-def evaluate_monitor_set(run: PPORun, step: int) -> None:
-    """K samples for each monitor input (this rank's contiguous chunk), written as
-    `samples` and `inputs` rows at `step`; logs the set's reward by INITIAL reward std."""
-    rows = monitor_set_rows(run, step)
-    if step == 0:  # every rank keeps every input's initial std (rank 0 checkpoints them)
-        chunks = [{row["input_id"]: row["reward_std"] for row in rows}]
-        if run.distributed:
-            gathered = [None] * run.ctx.world_size
-            dist.all_gather_object(gathered, chunks[0])
-            chunks = gathered
-        for part in chunks:
-            run.initial_monitor_std.update(part)
-    log_reward_by_initial_std(run, step, rows)
-
-
-def monitor_set_rows(run: PPORun, step: int) -> list[dict]:
-    """This rank's monitor `inputs` rows at `step`: sampled and written, or read back on a retry."""
-    config, ctx = run.config, run.ctx
-    monitor_ids = run.monitor_ids
-    first = ctx.rank * len(monitor_ids) // ctx.world_size
-    end = (ctx.rank + 1) * len(monitor_ids) // ctx.world_size
-    shard = f"monitor-step-{step:09d}-inputs-{first:06d}-{end - 1:06d}"
-    if end <= first:
-        return []
-    if ctx.writer.exists("inputs", shard):  # a retry: the rows are on disk already
-        return ctx.writer.read("inputs", shard, ["input_id", "reward_mean", "reward_std"])
-    torch.manual_seed(config.seed * 1_000_003 + 7919 * step + first)  # the same samples on a retry
-    sample_rows, input_rows = [], []
-    for batch_start in range(first, end, config.inputs_per_rollout):
-        examples, prompts = run.prompts(monitor_ids[batch_start : min(end, batch_start + config.inputs_per_rollout)])
-        scored = run.sample(prompts)
-        with torch.no_grad():
-            log_probs = sequence_log_probs(run.lm, [p for p in prompts.ids for _ in range(scored.num_samples_per_input)],
-                                           scored.outputs).tolist()
-        samples, inputs = table_rows(step, examples, prompts, scored, log_probs, run.grad_norms(prompts, scored),
-                                     ctx.model_name(config.model), f"{config.task}/train")
-        sample_rows += samples
-        input_rows += inputs
-    ctx.writer.write("samples", shard, sample_rows)  # samples first: `inputs` marks the shard done
-    ctx.writer.write("inputs", shard, input_rows)
-    return input_rows
-
-
-def log_reward_by_initial_std(run: PPORun, step: int, rows: list[dict]) -> None:
-    """The live version of the paper's plot: the monitor set's reward grouped by initial reward std."""
-    buckets = std_buckets(run.config.reward_std_thresholds)
-    names = [name for name, _, _ in buckets]
-    sums = torch.zeros(len(buckets), 2, dtype=torch.float64)  # inputs, reward sum
-    for row in rows:
-        b = names.index(bucket_of(run.initial_monitor_std[row["input_id"]], buckets))
-        sums[b] += torch.tensor([1.0, row["reward_mean"]], dtype=torch.float64)
-    sums = run.sum_over_ranks(sums)
-    total_count, total_reward = sums.sum(dim=0).tolist()
-    run.ctx.log_metrics(step, {"reward_mean": total_reward / total_count, "num_inputs": total_count}, split="monitor")
-    for b, name in enumerate(names):
-        count, reward_sum = sums[b].tolist()
-        run.ctx.log_metrics(step, {"reward_mean": reward_sum / count if count else None, "num_inputs": count},
-                            split=f"monitor_initial_{name}")
-
-
-# ============================================================================
-# Checkpoints: weights + tokenizer (loadable by every workload), value head,
-# optimiser and controller state.
-# ============================================================================
-
-
-def save_checkpoint(run: PPORun, step: int, directory: str) -> None:
-    """Weights + tokenizer (loadable by every workload), the critic, optimiser and controller state."""
-    run.lm.save_pretrained(directory)
-    run.tokenizer.save_pretrained(directory)
-    run.actor_critic.value_lm.save_pretrained(os.path.join(directory, VALUE_MODEL_DIR))
-    if run.masker:
-        run.masker.model.save_pretrained(os.path.join(directory, MASK_MODEL_DIR))
-    torch.save(run.actor_critic.value_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
-    torch.save(run.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump({"step": step, "kl_coef": run.kl_coef,
-                   "initial_monitor_std": {str(k): v for k, v in run.initial_monitor_std.items()}}, f)
-
-
-def load_checkpoint(run: PPORun, directory: str) -> None:
-    """The value head, optimiser and controller state of a checkpoint (the two LMs are loaded as models)."""
-    def load(name):
-        return torch.load(os.path.join(directory, name), map_location=run.device, weights_only=True)
-
-    run.actor_critic.value_head.load_state_dict(load(VALUE_HEAD_FILE))
-    if run.masker:
-        mask_lm, _ = load_model_and_tokenizer(os.path.join(directory, MASK_MODEL_DIR), run.device,
-                                              run.config.train_dtype)
-        run.masker.refresh(mask_lm)
-    run.optimizer.load_state_dict(load(OPTIMIZER_FILE))
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        state = json.load(f)
-    run.step, run.kl_coef = state["step"], state["kl_coef"]
-    run.initial_monitor_std = {int(k): v for k, v in state["initial_monitor_std"].items()}
-
-
-def report(run: PPORun, metrics: dict, checkpoint_step: int | None) -> None:
-    """Every rank reports once; rank 0 hands over a checkpoint when one is due."""
-    if checkpoint_step is None:
-        run.ctx.report(metrics)
-    else:
-        run.ctx.report_checkpoint(metrics, lambda directory: save_checkpoint(run, checkpoint_step, directory))
-
-
-# ============================================================================
-# The workload.
-# ============================================================================
-
-
 def run_ppo(config: PPOConfig, ctx: WorkloadContext) -> dict:
-    run = start_run(config, ctx)
-    start_step = run.step
-    if start_step == 0:
-        evaluate_monitor_set(run, 0)
-    progress = tqdm(range(start_step + 1, config.num_rollouts + 1), desc=f"ppo {ctx.model_name(config.model)}", unit="rollout",
-                    disable=not (ctx.is_main and ctx.show_progress))
-    metrics: dict = {}
-    for step in progress:
-        # every (step, rank) has its own seed: a run resumed at step s draws what an
-        # uninterrupted run would have drawn from s on
-        torch.manual_seed(config.seed * 1_000_003 + step * 1009 + ctx.rank)
-        metrics = ppo_iteration(run, step)
-        run.step = step
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-        last = step == config.num_rollouts  # the final monitor pass and checkpoint come after the loop
-        if config.eval_every_rollouts and step % config.eval_every_rollouts == 0 and not last:
-            evaluate_monitor_set(run, step)
-        checkpoint_due = config.checkpoint_every_rollouts and step % config.checkpoint_every_rollouts == 0 and not last
-        report(run, metrics, step if checkpoint_due else None)
-    progress.close()
-
-    # the end: the monitor set at the final policy, and the final checkpoint
-    final_step = max(config.num_rollouts, start_step)
-    if final_step > 0:
-        evaluate_monitor_set(run, final_step)
-    final_metrics = {**metrics, "step": final_step, "kl_coef": run.kl_coef}
-    final_metrics.pop("next_kl_coef", None)
-    report(run, final_metrics, final_step)
-    return final_metrics
+    return train(PPORun(config, ctx))

@@ -27,6 +27,39 @@ from .rewards import Reward
 from .tasks import prompt_text, references, truncation_side
 
 
+# Seeds of the random streams samples are drawn from. A run's streams are apart by
+# SEED_STRIDE per seed, so seeds s and s+1 never share a stream within a run; inside
+# a run, steps and evaluation passes are apart by primes, each rank (or shard) by 1.
+SEED_STRIDE = 1_000_003
+STEP_STRIDE = 1009
+EVALUATION_STRIDE = 7919
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """torch's stream for an RL step on a rank: a resumed run draws what the uninterrupted one would."""
+    return seed * SEED_STRIDE + step * STEP_STRIDE + rank
+
+
+def evaluation_seed(seed: int, step: int, rank: int) -> int:
+    """torch's stream for the evaluation pass at `step` on a rank."""
+    return seed * SEED_STRIDE + EVALUATION_STRIDE * step + rank
+
+
+def choice_seed(seed: int, step: int) -> int:
+    """The prompt draw of a step (random.Random): the same on every rank."""
+    return seed * SEED_STRIDE + step
+
+
+def shard_seed(seed: int, first_input: int) -> int:
+    """An extraction shard's stream, whichever worker (or retry) runs it."""
+    return seed * SEED_STRIDE + first_input
+
+
+def engine_seed(seed: int, rank: int) -> int:
+    """A vLLM engine's one seed (it takes no per-request seeds on a CPU)."""
+    return seed * SEED_STRIDE + rank
+
+
 @dataclass
 class Prompts:
     texts: list[str]  # what the model is conditioned on
@@ -36,6 +69,11 @@ class Prompts:
     def subset(self, indices: list[int]) -> "Prompts":
         return Prompts([self.texts[i] for i in indices], [self.ids[i] for i in indices],
                        [self.references[i] for i in indices])
+
+    @classmethod
+    def concat(cls, parts: list["Prompts"]) -> "Prompts":
+        return cls([t for p in parts for t in p.texts], [i for p in parts for i in p.ids],
+                   [r for p in parts for r in p.references])
 
 
 @dataclass
@@ -55,6 +93,48 @@ class ScoredSamples:
         """[P][K] output ids: the shape the gradient-norm estimator takes."""
         K = self.num_samples_per_input
         return [self.outputs[i * K : (i + 1) * K] for i in range(len(self.reward_matrix))]
+
+    def subset(self, indices: list[int]) -> "ScoredSamples":
+        """The samples of prompts `indices` (prompt-major, K each)."""
+        K = self.num_samples_per_input
+        rows = [i * K + k for i in indices for k in range(K)]
+        return ScoredSamples.of(K, [self.outputs[j] for j in rows], [self.texts[j] for j in rows],
+                                [self.rewards[j] for j in rows])
+
+    @classmethod
+    def concat(cls, parts: list["ScoredSamples"], num_samples: int) -> "ScoredSamples":
+        return cls.of(num_samples, [o for p in parts for o in p.outputs], [t for p in parts for t in p.texts],
+                      [r for p in parts for r in p.rewards])
+
+
+@dataclass
+class Group:
+    """One prompt's K completions, scored: the unit the RL algorithms sample, train on and record."""
+
+    input_id: int
+    example: object
+    prompts: Prompts  # a Prompts of this one prompt
+    scored: ScoredSamples  # its K completions
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return self.scored.reward_matrix[0]
+
+    @property
+    def std(self) -> float:
+        """The reward std over the K completions (1/K); 0 exactly when all K rewards are equal."""
+        return reward_stats(self.scored.reward_matrix)[1][0].item()
+
+    @staticmethod
+    def split(examples, prompts: Prompts, scored: ScoredSamples) -> list["Group"]:
+        """A sampled batch as one Group per prompt, in order."""
+        return [Group(ex.input_id, ex, prompts.subset([i]), scored.subset([i])) for i, ex in enumerate(examples)]
+
+    @staticmethod
+    def joined(groups: list["Group"]) -> tuple[Prompts, ScoredSamples]:
+        """Groups back as one batch (prompt-major)."""
+        K = groups[0].scored.num_samples_per_input
+        return Prompts.concat([g.prompts for g in groups]), ScoredSamples.concat([g.scored for g in groups], K)
 
 
 def prompts_of(task: str, examples, tokenizer, gen: GenerationConfig, encoder_decoder: bool,

@@ -52,11 +52,11 @@ TRAINER_STATE = "rlgrad_trainer_state.json"  # steps done, saved next to the wei
 def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
     torch.manual_seed(config.seed)
     # resumption: a retried worker continues from its last checkpoint
-    resuming = bool(ctx.resume_from) and os.path.isdir(ctx.resume_from)
-    model, tokenizer = load_model_and_tokenizer(ctx.resume_from if resuming else config.model, ctx.device)
+    resume_from = ctx.resume_directory
+    model, tokenizer = load_model_and_tokenizer(resume_from or config.model, ctx.device)
     start_step = 0
-    if resuming and os.path.exists(os.path.join(ctx.resume_from, TRAINER_STATE)):
-        with open(os.path.join(ctx.resume_from, TRAINER_STATE)) as f:
+    if resume_from and os.path.exists(os.path.join(resume_from, TRAINER_STATE)):
+        with open(os.path.join(resume_from, TRAINER_STATE)) as f:
             start_step = json.load(f)["step"]
     encoder_decoder = model.config.is_encoder_decoder
 
