@@ -382,8 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_deprecations() -> None:
+    """An old config spelling that still loads is one line on stderr, once."""
+    import warnings
+
+    from workloads.core.config import RlgradDeprecation
+
+    if getattr(warnings.showwarning, "shows_rlgrad_deprecations", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RlgradDeprecation):
+            print(f"rlgrad: deprecated: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    original = warnings.showwarning
+    show.shows_rlgrad_deprecations = True
+    warnings.showwarning = show
+    warnings.simplefilter("once", RlgradDeprecation)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_deprecations()
     try:
         return args.func(args)
     except (SpecError, ValueError) as e:

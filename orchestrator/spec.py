@@ -161,8 +161,11 @@ def _format_error(err: pydantic.ValidationError, model_cls: type[BaseModel], pre
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         allowed = _allowed_fields(model_cls, loc[:-1])
+        ours = getattr(model_cls, "foreign_names", {}).get(key) if len(loc) == 1 else None
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if ours is not None:  # another framework's name (TRL's) for a field we name otherwise
+            hint = f" ({key} is TRL's name: rlgrad calls it {ours})"
         return f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}"
     if first["type"] == "missing":
         return f"{where}: required field is missing"

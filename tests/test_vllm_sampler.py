@@ -20,7 +20,7 @@ import torch
 from orchestrator.cli import main
 from workloads.core.context import local_context
 from workloads.text import config as text_config
-from workloads.text import extract, grpo
+from workloads.text import extract, grpo, rl_loop
 from workloads.text.extract_config import ExtractConfig
 from workloads.text.grpo_config import GRPOConfig
 from workloads.text.rewards import Reward
@@ -120,7 +120,7 @@ def test_extract_samples_through_the_engine_and_recomputes_log_probs_with_the_mo
 
 def test_grpo_refreshes_the_engine_after_every_update(stand_in, tmp_path, monkeypatch):
     # the random-init model earns reward 0 on `reverse`: a reward with spread, so that updates move it
-    monkeypatch.setattr(grpo, "get_reward", lambda *_: lambda prompts, texts, refs: [
+    monkeypatch.setattr(rl_loop, "get_reward", lambda *_: lambda prompts, texts, refs: [
         Reward(float(len(t) % 2)) for t in texts])
     config = GRPOConfig.model_validate(dict(model="builtin:tiny-gpt2", task="reverse", num_train_inputs=8,
                                             inputs_per_step=4, num_samples_per_input=4, num_steps=2,

@@ -8,6 +8,7 @@ worker starts.
 
 from __future__ import annotations
 
+import warnings
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -17,6 +18,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 # Reward-std thresholds: the shares of inputs under each are reported by
 # extraction, the PPO / GRPO monitors and the report. One definition.
 REWARD_STD_THRESHOLDS = (0.01, 0.05, 0.1)
+
+
+class RlgradDeprecation(UserWarning):
+    """An old spelling that still loads; the CLI prints it as one `rlgrad: deprecated:` line."""
+
+
+def deprecated(message: str) -> None:
+    """Say once per process that a config used an old spelling (`message` names the new one)."""
+    warnings.warn(message, RlgradDeprecation, stacklevel=3)
 
 
 class StrictConfig(BaseModel):

@@ -58,7 +58,7 @@ def check_task_data(task: str, dataset_path: str | None) -> None:
         check_dataset_available(task, grue.GRUE_TASKS[task].hub_id, dataset_path)
 
 
-# What a per-input gradient norm differentiates (issue: samples come from a modified
+# What a per-input gradient norm differentiates (samples come from a modified
 # distribution -- temperature, top-k, top-p, min_new_tokens -- while ∇ log π may be taken
 # of the model itself). One field, the same in every workload that measures norms.
 GradNormOf = Literal["sampling_policy", "model"]
@@ -72,8 +72,8 @@ GRAD_NORM_OF = (
 ModelDType = Literal["float32", "bfloat16", "auto"]
 MODEL_DTYPE = (
     "dtype generate() samples in: auto = bfloat16 on a GPU that supports it or on a CPU with native "
-    "bf16 instructions (avx512_bf16 / amx_bf16), float32 elsewhere (workloads.text.models.resolve_dtype); "
-    "issue 12 measured SmolLM2-135M at 358 vs 150 tokens/s in bf16 vs float32 on 2 cores. Stored "
+    "bf16 instructions (avx512_bf16 / amx_bf16), float32 elsewhere (workloads.text.models.resolve_dtype; "
+    "the speed it buys: benchmarks/RESULTS.md). Stored "
     "log-probs, gradient norms and updates are NOT taken in this dtype but in train_dtype / "
     "grad_norm_dtype; the reference samples in float32 (dtype: float32)")
 TrainDType = Literal["float32", "bfloat16"]
