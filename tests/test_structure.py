@@ -131,3 +131,14 @@ def test_configs_and_registry_import_without_torch():
     code = ("import sys, workloads; from orchestrator import spec; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_rl_algorithms_share_code_through_the_loop_not_each_other():
+    """PPO/NLPO and the GRPO family each hold their math and their step; what they share lives in
+    workloads/text/rl_loop.py (and below it), never in one another."""
+    graph = _graph()
+    algorithms = ("workloads.text.ppo", "workloads.text.nlpo", "workloads.text.grpo")
+    for module in algorithms:
+        assert "workloads.text.rl_loop" in graph[module] or module == "workloads.text.nlpo", module
+        others = {a for a in algorithms if a != module} - ({"workloads.text.nlpo"} if module.endswith("ppo") else set())
+        assert not graph[module] & others, f"{module} imports {graph[module] & others}"
