@@ -209,7 +209,7 @@ def test_variant_still_loads_with_a_deprecation_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ("rlgrad: deprecated: grpo config field `variant: dr_grpo` is now `advantage_estimator: "
                            "grpo, loss_type: dr_grpo, scale_rewards: none` (TRL's names)\n"), done.stderr
-    assert done.stdout.count("loss_type: dr_grpo") == 3 and "variant" not in done.stdout
+    assert done.stdout.count("loss_type: dr_grpo") == 3 and "variant:" not in done.stdout
 
 
 # ---------------------------------------------------------------- runs on the tiny model
