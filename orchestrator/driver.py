@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 import ray
 
+from workloads import validate_config
 from workloads.core.storage import ResultsRoot
+from workloads.text.dataset_task import write_snapshots
 
 from .capacity import InfeasibleError, alive_nodes, cluster_can_grow, refuse_infeasible, wait_for_nodes
 from .console import console, progress
-from .spec import SpecError, SweepSpec, resolved_spec_yaml
+from .spec import SpecError, SweepSpec, apply_params, grid_points, resolved_spec_yaml
 from .stage import TrialOutcome, run_stage
 
 WAIT_FOR_NODES_S = 15 * 60
@@ -60,11 +62,17 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
         if capture_logs:
             console().capture(sweep_log_dir(root, spec.sweep))
         started_here = not ray.is_initialized()
+        datasets, reward_modules = task_inputs(spec)
+        # what every trial reads, wherever it runs: the datasets as the driver read them, in the results root
+        task_data = write_snapshots(datasets, root, spec.sweep) if datasets else {}
         try:
             if started_here:
                 _quiet_ray(embedded=address is None)
+                # reward modules beside the sweep file go to every node with the job (Ray runtime env)
+                runtime_env = {"py_modules": reward_modules} if reward_modules else None
                 context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                                   logging_level="INFO" if console().verbose else "WARNING", log_to_driver=True)
+                                   logging_level="INFO" if console().verbose else "WARNING", log_to_driver=True,
+                                   runtime_env=runtime_env)
             else:
                 context = ray.get_runtime_context()
             can_grow = address is not None and cluster_can_grow()
@@ -79,7 +87,7 @@ def run_sweep(spec: SweepSpec, results: str, address: str | None = None, show_pr
             _link_ray_logs(started_here and address is None)
             finished = _finished_trials(root, spec.sweep) if resuming else {}
             outcomes = _run_stages(spec, root, finished, show_progress, max_concurrent,
-                                   wait_for_nodes_s if can_grow else None)
+                                   wait_for_nodes_s if can_grow else None, task_data)
             return SweepOutcome(root.uri(spec.sweep), outcomes, dashboard)
         finally:
             if started_here:
@@ -147,8 +155,22 @@ def _finished_trials(root: ResultsRoot, sweep: str) -> dict[str, dict]:
     return {row["trial"]: row for row in table.to_pylist() if row["status"] == "TERMINATED"}
 
 
+def task_inputs(spec: SweepSpec) -> tuple[list, list[str]]:
+    """(dataset specs of `task: dataset` configs, directories of 'file.py:function' rewards) over
+    every config the sweep's stages can run (each grid point; the base config of an Optuna search)."""
+    datasets, directories = {}, set()
+    for stage in spec.stages:
+        for params in grid_points(stage):
+            config = validate_config(stage.workload, apply_params(stage.config, params))
+            if getattr(config, "task", None) == "dataset" and getattr(config, "dataset", None) is not None:
+                datasets[config.dataset.source_key()] = config.dataset
+            directories.update(getattr(config, "reward_module_directories", lambda: [])())
+    return list(datasets.values()), sorted(directories)
+
+
 def _run_stages(spec: SweepSpec, root: ResultsRoot, finished: dict[str, dict], show_progress: bool,
-                max_concurrent: int | None, wait_for_nodes_s: float | None) -> dict[str, list[TrialOutcome]]:
+                max_concurrent: int | None, wait_for_nodes_s: float | None,
+                task_data: dict[str, str]) -> dict[str, list[TrialOutcome]]:
     """The stages in order; a stage that starts from another gets its finished trials' checkpoints."""
     outcomes: dict[str, list[TrialOutcome]] = {}
     for stage in spec.stages:
@@ -165,5 +187,6 @@ def _run_stages(spec: SweepSpec, root: ResultsRoot, finished: dict[str, dict], s
             except InfeasibleError as e:
                 raise SweepError(str(e)) from None
         progress(f"stage {stage.name} ({stage.workload}): starting")
-        outcomes[stage.name] = run_stage(spec, stage, root, parent_checkpoints, finished, show_progress, max_concurrent)
+        outcomes[stage.name] = run_stage(spec, stage, root, parent_checkpoints, finished, show_progress, max_concurrent,
+                                         task_data)
     return outcomes

@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -269,6 +270,25 @@ def _config_from(stage: StageSpec, seen: dict[str, StageSpec], names: list[str],
     return stage.model_copy(update={"config": merge_configs(base_config, stage.config)})
 
 
+def _absolute_paths(stage: StageSpec, config_cls, source: str) -> StageSpec:
+    """The stage with the paths its config names relative to the sweep file (a dataset, a reward
+    module) made absolute, in the config and in the grid: workers run in other directories."""
+    resolve = getattr(config_cls, "resolve_relative_paths", None)
+    if resolve is None:
+        return stage
+    base_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
+    grid = {key: [get_dotted_value(resolve(set_dotted({}, key, value), base_dir), key) for value in values]
+            for key, values in stage.search.grid.items()}
+    search = stage.search.model_copy(update={"grid": grid})
+    return stage.model_copy(update={"config": resolve(stage.config, base_dir), "search": search})
+
+
+def get_dotted_value(values: dict, dotted: str):
+    for part in dotted.split("."):
+        values = values[part]
+    return values
+
+
 def _check_stages(spec: SweepSpec, source: str) -> SweepSpec:
     """Check every stage and return the spec with `config_from` blocks merged in."""
     seen: dict[str, StageSpec] = {}
@@ -296,6 +316,7 @@ def _check_stages(spec: SweepSpec, source: str) -> SweepSpec:
                 _fail(source, f"{where}.config.{field}: set by from_stage={stage.from_stage!r}; remove it or remove from_stage")
         if stage.config_from is not None:
             stage = _config_from(stage, seen, names, source, where)
+        stage = _absolute_paths(stage, config_cls, source)
         _check_config(stage, config_cls, source, where)
         seen[stage.name] = stage
     return spec.model_copy(update={"stages": list(seen.values())})
@@ -325,7 +346,7 @@ def _check_config(stage: StageSpec, config_cls, source: str, where: str) -> None
             _fail(source, f"{where}.search.grid.{key}: the list of values is empty")
     # Every grid point is a config the workload accepts (cross-field rules included).
     for params in grid_points(stage):
-        _validate_values(stage, config_cls, _apply(stage.config, params), source, where)
+        _validate_values(stage, config_cls, apply_params(stage.config, params), source, where)
     if search.optuna is not None:
         for key, dist in search.optuna.params.items():
             pwhere = f"{where}.search.optuna.params.{key}"
@@ -339,10 +360,11 @@ def _check_config(stage: StageSpec, config_cls, source: str, where: str) -> None
             if kind == "choice" and not args:
                 _fail(source, f"{pwhere}.choice: the list of values is empty")
             for bound in args:
-                _validate_values(stage, config_cls, _apply(stage.config, {key: bound}), source, pwhere)
+                _validate_values(stage, config_cls, apply_params(stage.config, {key: bound}), source, pwhere)
 
 
-def _apply(config: dict, params: dict) -> dict:
+def apply_params(config: dict, params: dict) -> dict:
+    """A config block with a search point's {dotted key: value} set."""
     for key, value in params.items():
         config = set_dotted(config, key, value)
     return config
@@ -375,7 +397,7 @@ def resolve_trial(stage: StageSpec, params: dict, parent_trial: str | None) -> R
     the hash -- and hence the trial id used for resumption -- does not change
     when results move between a laptop and a bucket.
     """
-    values = _apply(stage.config, params)
+    values = apply_params(stage.config, params)
     config_cls = WORKLOADS[stage.workload].config
     if parent_trial is not None:
         values = set_dotted(values, config_cls.checkpoint_field, f"@{stage.from_stage}/{parent_trial}")

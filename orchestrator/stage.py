@@ -35,10 +35,11 @@ class TrialOutcome:
 
 
 def run_stage(spec: SweepSpec, stage: StageSpec, root: ResultsRoot, parent_checkpoints: dict[str, str],
-              finished: dict[str, dict], show_progress: bool, max_concurrent: int | None) -> list[TrialOutcome]:
+              finished: dict[str, dict], show_progress: bool, max_concurrent: int | None,
+              task_data: dict[str, str] | None = None) -> list[TrialOutcome]:
     """Run every trial of `stage` not in `finished`; record each in the trials table."""
     plan = StagePlan(spec.sweep, root, stage, parent_checkpoints, show_progress,
-                     train_log_level="INFO" if console().verbose else "WARNING")
+                     train_log_level="INFO" if console().verbose else "WARNING", task_data=dict(task_data or {}))
     trainable = tune.with_resources(tune.with_parameters(trial_fn, plan=plan), _trial_resources(stage))
     parents = list(parent_checkpoints) if stage.from_stage else [None]
     if stage.search.optuna is None:
@@ -188,13 +189,26 @@ def _make_progress_callback(stage: StageSpec, tracker: StageProgress) -> tune.Ca
         def on_trial_error(self, iteration, trials, trial, **info):
             name = _trial_name(stage, trial.config)
             tracker.trial_ended(name, None, failed=True)
-            error = trial.get_error()
-            text = str(error) if error is not None else ""
+            text = trial_error_text(trial)
             log = _trial_log(stage, name, text) or trial.error_file
             console().line(f"{stage.name}: FAILED {name}: {error_cause(text) or 'see the log'} (full log: {log})",
                            error=True)
 
     return StageProgressCallback()
+
+
+def trial_error_text(trial) -> str:
+    """The failed trial's error as Tune wrote it. Tune writes error.txt into the trial's local
+    directory first and syncs it to the results storage later, while `trial.get_error()` reads
+    the storage copy: when the callback runs, only the local file holds the cause."""
+    local = trial.error_file
+    if local and os.path.isfile(local):
+        with open(local, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.strip():
+            return text
+    error = trial.get_error()
+    return str(error) if error is not None else ""
 
 
 def _trial_log(stage: StageSpec, trial: str, text: str) -> str | None:

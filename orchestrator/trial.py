@@ -13,7 +13,7 @@ Torch is imported only where the TorchTrainer is built.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from ray import tune
@@ -22,6 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from workloads import WORKLOADS
 from workloads.core.storage import ResultsRoot, TrialStorage
+from workloads.text.dataset_task import use_snapshots
 
 from .spec import ResolvedTrial, StageSpec, resolve_trial
 from .worker import run_inline, train_loop
@@ -38,11 +39,14 @@ class StagePlan:
     show_progress: bool = True
     # Ray Train's own `ray.train` lines (e.g. one "Reporting training result" per report): INFO with --verbose
     train_log_level: str = "WARNING"
+    # dataset source -> the driver's snapshot of it in the results root (workloads.text.dataset_task)
+    task_data: dict[str, str] = field(default_factory=dict)
 
 
 def trial_fn(tune_config: dict, plan: StagePlan) -> dict:
     """A Tune function trial: resolve the config, run its workload, return its final metrics."""
     point = tune_config["point"]
+    use_snapshots(plan.task_data)  # before the config is validated: it reads its task's data
     trial = resolve_trial(plan.stage, point["params"], point["parent"])
     named = tune.get_context().get_trial_name()  # the id the driver computed
     if named != trial.trial_id:
@@ -90,6 +94,7 @@ def _loop_config(plan: StagePlan, trial: ResolvedTrial) -> dict:
         "show_progress": plan.show_progress,
         "cpus_per_worker": plan.stage.scaling.cpus_per_worker,
         "train_log_level": plan.train_log_level,
+        "task_data": plan.task_data,
     }
 
 

@@ -26,6 +26,7 @@ from ray import tune
 from workloads import run_workload, validate_config
 from workloads.core.context import WorkloadContext
 from workloads.core.storage import ResultsRoot, TrialStorage
+from workloads.text.dataset_task import use_snapshots
 
 
 def dashboard_gauges(identity: dict):
@@ -91,6 +92,7 @@ def run_inline(loop_config: dict, use_gpu: bool) -> None:
 
 def run_in_context(loop_config: dict, rank: int, world_size: int, device: str, report, resume_dir) -> None:
     """Build the workload's context around Ray's report/checkpoint calls and run it."""
+    use_snapshots(loop_config.get("task_data", {}))  # the sweep's datasets as the driver read them
     config = validate_config(loop_config["workload"], loop_config["config"])
     model_source = None
     if loop_config["parent_checkpoint"]:

@@ -16,6 +16,10 @@ from workloads.core import availability
 from workloads.text import grue, tasks
 
 
+def _task(name: str, path: str | None = None):
+    return tasks.task_named(name, tasks.TaskOptions(dataset_path=path))
+
+
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -101,7 +105,8 @@ def local_copies(tmp_path_factory):
 
 
 def examples(task, split, path):
-    return tasks.get_examples(task, split, list(range(tasks.split_size(task, split, path))), path)
+    task = _task(task, path)
+    return task.examples(split, list(range(task.split_size(split))))
 
 
 # ---------------------------------------------------------------- prompt formats and references
@@ -110,7 +115,7 @@ def test_narrative_qa_question_then_summary_lowercased_with_all_answers(local_co
     [ex] = examples("narrative_qa", "train", local_copies["narrative_qa"])
     assert ex.source == "who is mark? \\n mark is a student. he runs a radio show."
     assert ex.references == ("a student", "a dj") and ex.target == "a student"
-    assert tasks.prompt_text("narrative_qa", ex, True) == ex.source
+    assert _task("narrative_qa").prompt_text(ex, True) == ex.source
 
 
 def test_totto_subtable_without_then_with_titles_and_all_final_sentences(local_copies):
@@ -155,15 +160,15 @@ def test_daily_dialog_truncation_side_right_in_extraction_and_sft_left_in_ppo(lo
 
     # tokenizer.truncation_side of gpt2_dialog_extract_samples.yml / gpt2_supervised.yml: right;
     # env.py forces "left" for the PPO environment
-    assert tasks.truncation_side("daily_dialog", "task", False, "extract") == "right"
-    assert tasks.truncation_side("daily_dialog", "task", False, "sft") == "right"
-    assert tasks.truncation_side("daily_dialog", "task", False, "ppo") == "left"
-    assert tasks.truncation_side("imdb", "task", False, "sft") == "left"
-    assert tasks.truncation_side("totto", "task", True, "ppo") == "left"  # t5_ppo.yml leaves env.py's default
-    assert tasks.truncation_side("reverse", "task", False) == "left"
-    assert tasks.truncation_side("daily_dialog", "left", False, "sft") == "left"
+    assert _task("daily_dialog").truncation_side("task", False, "extract") == "right"
+    assert _task("daily_dialog").truncation_side("task", False, "sft") == "right"
+    assert _task("daily_dialog").truncation_side("task", False, "ppo") == "left"
+    assert _task("imdb").truncation_side("task", False, "sft") == "left"
+    assert _task("totto").truncation_side("task", True, "ppo") == "left"  # t5_ppo.yml leaves env.py's default
+    assert _task("reverse").truncation_side("task", False) == "left"
+    assert _task("daily_dialog").truncation_side("left", False, "sft") == "left"
     with pytest.raises(ValueError, match="truncation_side='middle'; allowed"):
-        tasks.truncation_side("daily_dialog", "middle", False)
+        _task("daily_dialog").truncation_side("middle", False)
     first, _ = examples("daily_dialog", "train", local_copies["daily_dialog"])
     tok = build_char_tokenizer()
     [right] = encode_prompts(tok, [first.source], 10, False, truncation_side="right")
@@ -200,7 +205,7 @@ def test_imdb_seed_42_split_positive_train_and_half_prompt(local_copies):
     # IMDB.prepare: the reference is the full review; IMDBForSeq2Seq (SFT): the second half
     review = f"{train[0].source} {train[0].target}"
     assert train[0].references == (review,) and train[0].train_references == (train[0].target,)
-    assert tasks.train_references("imdb", train[0]) == [train[0].target]
+    assert _task("imdb").train_references(train[0]) == [train[0].target]
     assert len(examples("imdb", "test", path)) == 3
 
 
@@ -211,29 +216,29 @@ def test_save_to_disk_copy_and_choose_inputs(tmp_path, local_copies):
     rows = [{"translation": {"de": f"satz {i}", "en": f"sentence {i}"}} for i in range(20)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
     path = str(tmp_path / "saved")
-    chosen = tasks.choose_inputs("iwslt2017", "train", 5, 7, path)
+    chosen = _task("iwslt2017", path).choose_inputs("train", 5, 7)
     assert chosen == np.random.RandomState(7).permutation(20)[:5].tolist()  # the reference's choice
-    [ex] = tasks.get_examples("iwslt2017", "train", [chosen[0]], path)
+    [ex] = _task("iwslt2017", path).examples("train", [chosen[0]])
     assert ex.source == f"translate English to German: sentence {chosen[0]}" and ex.input_id == chosen[0]
 
 
 def test_default_rewards():
-    assert {t: tasks.default_reward(t) for t in grue.GRUE_TASKS} == {
+    assert {t: _task(t).default_reward for t in grue.GRUE_TASKS} == {
         "narrative_qa": "rouge_l_max", "totto": "sacrebleu", "common_gen": "meteor", "iwslt2017": "sacrebleu",
         "cnn_daily_mail": "meteor", "daily_dialog": "meteor", "imdb": "learned"}
-    assert tasks.resolve_reward("iwslt2017") == ("sacrebleu", {"tokenize": "intl"})
-    assert tasks.resolve_reward("imdb")[1]["model"] == "lvwerra/distilbert-imdb"
-    assert tasks.resolve_reward("imdb", "rouge_l_max", {"alpha": 0.3}) == ("rouge_l_max", {"alpha": 0.3})
+    assert _task("iwslt2017").resolve_reward() == ("sacrebleu", {"tokenize": "intl"})
+    assert _task("imdb").resolve_reward()[1]["model"] == "lvwerra/distilbert-imdb"
+    assert _task("imdb").resolve_reward("rouge_l_max", {"alpha": 0.3}) == ("rouge_l_max", {"alpha": 0.3})
 
 
 # ---------------------------------------------------------------- errors
 
 def test_missing_local_split_and_missing_columns_are_named(tmp_path, local_copies):
     with pytest.raises(grue.DatasetNotAvailableError, match=r"no 'validation' split of task 'iwslt2017'.*parquet"):
-        tasks.split_size("iwslt2017", "validation", local_copies["iwslt2017"])
+        _task("iwslt2017", local_copies["iwslt2017"]).split_size("validation")
     write_parquet(f"{tmp_path}/train.parquet", [{"text": "x"}])
     with pytest.raises(grue.DatasetNotAvailableError, match=r"lacks columns \['translation'\]"):
-        tasks.split_size("iwslt2017", "train", str(tmp_path))
+        _task("iwslt2017", str(tmp_path)).split_size("train")
 
 
 def test_unreachable_hub_fails_fast_and_says_how_to_use_a_local_copy(monkeypatch):
@@ -243,7 +248,7 @@ def test_unreachable_hub_fails_fast_and_says_how_to_use_a_local_copy(monkeypatch
     availability.hub_is_reachable.cache_clear()
     started = time.perf_counter()
     with pytest.raises(grue.DatasetNotAvailableError) as error:
-        tasks.split_size("cnn_daily_mail", "train")
+        _task("cnn_daily_mail").split_size("train")
     assert time.perf_counter() - started < 10
     message = str(error.value)
     assert "abisee/cnn_dailymail (3.0.0)" in message and "unreachable" in message and "dataset_path" in message

@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from workloads.text import tasks
-from workloads.text.math_tasks import MATH_TASKS, get_examples, math_example, parse_final_answer
+from workloads.text.math_tasks import MATH_TASKS, math_example, parse_final_answer
 from workloads.text.rewards import get_reward
 
 # (output, parsed answer, explicit form?)
@@ -54,15 +54,15 @@ def test_parse_final_answer(output, expected, explicit):
 
 def test_examples_are_deterministic_and_answers_correct():
     for task in MATH_TASKS:
-        a = get_examples(task, "train", list(range(50)))
-        assert a == get_examples(task, "train", list(range(50)))
-        assert a != get_examples(task, "validation", list(range(50)))
+        a = tasks.task_named(task).examples("train", list(range(50)))
+        assert a == tasks.task_named(task).examples("train", list(range(50)))
+        assert a != tasks.task_named(task).examples("validation", list(range(50)))
         for ex in a:
             assert ex.target == f"Answer: {ex.answer}" and "Answer: <number>" in ex.source
-    for ex in get_examples("arithmetic_d3", "train", list(range(200))):
+    for ex in tasks.task_named("arithmetic_d3").examples("train", list(range(200))):
         expression = ex.source.removeprefix("What is ").split("?")[0]
         assert eval(expression) == ex.answer  # noqa: S307 -- our own generated "a + b - c"
-    for ex in get_examples("arithmetic_d5", "train", list(range(200))):
+    for ex in tasks.task_named("arithmetic_d5").examples("train", list(range(200))):
         assert eval(ex.source.removeprefix("What is ").split("?")[0]) == ex.answer  # noqa: S307
     with pytest.raises(IndexError):
         math_example("arithmetic_d1", "test", 2000)
@@ -82,8 +82,8 @@ def test_reward_is_exact_with_separate_format_component():
 def test_registered_as_text_tasks():
     from workloads import validate_config
 
-    assert tasks.default_reward("arithmetic_d1") == "math_answer"
-    assert tasks.split_size("word_problems_d2", "validation") == 2000
+    assert tasks.task_named("arithmetic_d1").default_reward == "math_answer"
+    assert tasks.task_named("word_problems_d2").split_size("validation") == 2000
     for workload in ("extract", "sft", "grpo"):
         config = validate_config(workload, {"task": "arithmetic_d2"})
         assert config.task == "arithmetic_d2"

@@ -14,7 +14,8 @@ from workloads.text.models import (
     sequence_log_probs,
 )
 from workloads.text.rewards import get_reward
-from workloads.text.builtin_task import MAX_LENGTH, choose_inputs, prompt_text, reverse_example
+from workloads.text.builtin_task import MAX_LENGTH, prompt_text, reverse_example
+from workloads.text.tasks import task_named
 from workloads.text.tokenizer import build_char_tokenizer
 
 
@@ -92,10 +93,10 @@ def test_reverse_task_is_deterministic_and_varied():
     assert all(ex.target == ex.source[::-1] for ex in examples)
     assert {len(ex.source) for ex in examples} == set(range(1, MAX_LENGTH + 1))
     assert reverse_example("validation", 0) != reverse_example("train", 0)
-    chosen = choose_inputs("reverse", "train", 100, seed=7)
-    assert chosen == choose_inputs("reverse", "train", 100, seed=7) and len(set(chosen)) == 100
-    with pytest.raises(ValueError):
-        choose_inputs("imdb", "train", 10, seed=7)
+    chosen = task_named("reverse").choose_inputs("train", 100, seed=7)
+    assert chosen == task_named("reverse").choose_inputs("train", 100, seed=7) and len(set(chosen)) == 100
+    with pytest.raises(ValueError, match="asked for 60000 inputs but split 'train' of 'reverse' has 50000"):
+        task_named("reverse").choose_inputs("train", 60_000, seed=7)
 
 
 def test_reverse_reward():

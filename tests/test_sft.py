@@ -13,7 +13,7 @@ from workloads.core.context import local_context
 from workloads.text.models import encode_prompts, generate_outputs, load_model_and_tokenizer
 from workloads.text.rewards import get_reward
 from workloads.text.sft import NUM_EVAL_INPUTS, run_sft
-from workloads.text.builtin_task import get_examples, prompt_text
+from workloads.text.builtin_task import prompt_text, reverse_example
 
 FAST = dict(learning_rate=2e-3, batch_size=32, log_every_steps=50, num_train_inputs=2000)
 
@@ -33,7 +33,7 @@ def baseline_and_trained(tmp_path_factory):
 def greedy_eval_reward(model, tokenizer) -> float:
     """The held-out evaluation, recomputed from a loaded checkpoint."""
     encoder_decoder = model.config.is_encoder_decoder
-    examples = get_examples("reverse", "validation", list(range(NUM_EVAL_INPUTS)))
+    examples = [reverse_example("validation", i) for i in range(NUM_EVAL_INPUTS)]
     prompts = [prompt_text(ex.source, encoder_decoder) for ex in examples]
     outputs = generate_outputs(model, tokenizer, encode_prompts(tokenizer, prompts, 512, encoder_decoder),
                                do_sample=False, max_new_tokens=21)

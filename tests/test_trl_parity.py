@@ -188,7 +188,7 @@ def groups_of(prompt_ids: list[int]) -> list[Group]:
     for i in prompt_ids:
         scored = ScoredSamples.of(K, COMPLETIONS[i], tokenizer.batch_decode(COMPLETIONS[i]),
                                   [Reward(r) for r in REWARDS[i]])
-        groups.append(Group(i, None, Prompts([str(i)], [PROMPTS[i]], [[]]), scored))
+        groups.append(Group(i, None, Prompts([str(i)], [PROMPTS[i]], [[]], [{}], [i]), scored))
     return groups
 
 

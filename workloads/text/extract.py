@@ -22,10 +22,9 @@ from .config import grad_norm_temperature
 from .extract_config import ExtractConfig
 from .gradnorm import per_input_grad_norms
 from .models import load_model_and_tokenizer, resolve_dtype, sequence_log_probs
-from .rewards import get_reward
 from .sampling import (SamplingModel, ScoredSamples, engine_seed, prompts_of, sample_outputs, score_outputs, shard_seed,
                        table_rows)
-from .tasks import choose_inputs, get_examples, resolve_reward
+from .tasks import reward_of, task_of
 from .vllm_sampler import build_for
 
 SUMMARY_COLUMNS = ["reward_mean", "reward_std", "grad_norm"]
@@ -46,10 +45,11 @@ def run_extract(config: ExtractConfig, ctx: WorkloadContext) -> dict:
     engine = build_for(config, grad_model, tokenizer, config.model, ctx.device,
                        seed=engine_seed(config.seed, ctx.rank), dtype=sampling_dtype)
     model = grad_model if engine is not None else SamplingModel(grad_model, sampling_dtype).model
-    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
+    task = task_of(config)
+    reward_fn = reward_of(config, task)
 
     # the paper's protocol: num_inputs random inputs of the split, fixed seed
-    chosen = choose_inputs(config.task, config.split, config.num_inputs, config.seed, config.dataset_path)
+    chosen = task.choose_inputs(config.split, config.num_inputs, config.seed)
     shards = [(first, min(first + config.shard_size, len(chosen)) - 1)
               for first in range(0, len(chosen), config.shard_size)]
     my_shards = ctx.my_items(shards)
@@ -90,8 +90,9 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
     """(`samples` rows, `inputs` rows) of one shard of inputs, in the shard's order; the
     samples come from `engine` (sampler: vllm) when given, log-probs from `model` either way."""
     gen, K = config.generation, config.num_samples_per_input
-    examples = get_examples(config.task, config.split, input_indices, config.dataset_path)
-    prompts = prompts_of(config.task, examples, tokenizer, gen, model.config.is_encoder_decoder, "extract")
+    task = task_of(config)
+    examples = task.examples(config.split, input_indices)
+    prompts = prompts_of(config, task, examples, tokenizer, model.config.is_encoder_decoder, "extract")
     # bucketing: batches of prompts of similar length pad less (generation and gradients);
     # results are kept per input and written in the shard's order
     by_length = sorted(range(len(examples)), key=lambda j: len(prompts.ids[j]))
@@ -104,8 +105,7 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
         seconds["generate"] += time.perf_counter() - tic
 
         tic = time.perf_counter()
-        texts, rewards = score_outputs(tokenizer, reward_fn, batch_prompts.texts, batch_prompts.references,
-                                       outputs, K)
+        texts, rewards = score_outputs(tokenizer, reward_fn, batch_prompts, outputs, K)
         with torch.no_grad():  # log pi_theta(y|x) at temperature 1, no top-k/p, in grad_norm_dtype
             log_probs = sequence_log_probs(grad_model, [p for p in batch_prompts.ids for _ in range(K)], outputs).tolist()
         seconds["score"] += time.perf_counter() - tic
@@ -130,7 +130,7 @@ def extract_shard(config: ExtractConfig, model, grad_model, tokenizer, reward_fn
             grad_norms[j] = norm
     seconds["grad_norm"] += time.perf_counter() - tic
     return table_rows(0, examples, prompts, scored, [lp for j in in_order for lp in log_probs_of[j]], grad_norms,
-                      model_name, f"{config.task}/{config.split}")
+                      model_name, f"{config.task}/{config.split}", config.zero_std_tolerance)
 
 
 def extraction_summary(input_rows: list[dict], totals: dict, seconds: dict, thresholds) -> dict:

@@ -72,8 +72,8 @@ from .gradnorm import leave_one_out_advantages
 from .grpo_config import GRPOConfig
 from .models import load_model_and_tokenizer, resolve_dtype, token_log_probs
 from .rl_loop import RLRun, Ranks, train
-from .sampling import Group, choice_seed, engine_seed
-from .tasks import choose_inputs
+from .sampling import Group, choice_seed, engine_seed, is_zero_std
+from .tasks import task_of
 from .vllm_sampler import build_for
 
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
@@ -345,10 +345,10 @@ def variance_order(pool: list[int], history: dict[int, list], window: int, rng: 
     return sorted(pool, key=lambda i: (-score(i), keys[i]))
 
 
-def predicted_zero_std(history: list[tuple[float, float]], window: int) -> bool:
-    """GRESO-style prediction: the prompt's last `window` observations all had reward std 0."""
+def predicted_zero_std(history: list[tuple[float, float]], window: int, tolerance: float = 0.0) -> bool:
+    """GRESO-style prediction: the prompt's last `window` observations were all zero-std."""
     recent = history[-window:]
-    return len(recent) == window and all(std == 0 for _, std in recent)
+    return len(recent) == window and all(is_zero_std(std, tolerance) for _, std in recent)
 
 
 @dataclass
@@ -367,7 +367,8 @@ def choose_prompts(config: GRPOConfig, pool: list[int], history: dict, step: int
         order = rng.sample(pool, len(pool))
     choice = Choice([])
     for i in order:
-        if config.skip_predicted_zero_std and predicted_zero_std(history.get(i, []), config.history_window):
+        if config.skip_predicted_zero_std and predicted_zero_std(history.get(i, []), config.history_window,
+                                                                   config.zero_std_tolerance):
             if rng.random() < config.skip_probability:
                 choice.skipped.append(i)
                 continue
@@ -400,8 +401,7 @@ class GRPORun(RLRun):
         if config.inputs_per_step % ctx.world_size:
             raise ValueError(f"inputs_per_step ({config.inputs_per_step}) must be a multiple of the "
                              f"{ctx.world_size} workers")
-        super().__init__(config, ctx, choose_inputs(config.task, "train", config.num_train_inputs, config.seed,
-                                                    config.dataset_path))
+        super().__init__(config, ctx, task_of(config).choose_inputs("train", config.num_train_inputs, config.seed))
         self.checkpoint_every = config.checkpoint_every_steps
         reference = None
         if config.beta > 0:  # π_ref: the initial policy, frozen
@@ -474,7 +474,7 @@ class GRPORun(RLRun):
         taken, refills = want, 0
         train_groups = list(sampled)
         if config.dynamic_sampling:
-            train_groups = [g for g in sampled if g.std > 0]
+            train_groups = [g for g in sampled if not g.zero_std(config.zero_std_tolerance)]
             for _ in range(config.max_refill_rounds):
                 missing = want - len(train_groups)
                 if missing <= 0 or taken >= len(candidates):
@@ -483,7 +483,7 @@ class GRPORun(RLRun):
                 taken += len(extra)
                 refills += len(extra) * config.num_samples_per_input
                 sampled += extra
-                train_groups += [g for g in extra if g.std > 0]
+                train_groups += [g for g in extra if not g.zero_std(config.zero_std_tolerance)]
         return Rollout(sampled, train_groups, refills, choice)
 
     def train_step(self, step: int) -> dict:
@@ -505,7 +505,8 @@ class GRPORun(RLRun):
             self.cache.clear()  # the step-0 samples are stale once the policy has moved
         metrics = {"step": step, **self.step_statistics(rollout), **update, **seconds}
         self.ctx.log_metrics(step, {k: v for k, v in metrics.items() if k != "step"})
-        entries = [(g.input_id, g.rewards.mean().item() - self.initial_reward[g.input_id], g.std == 0)
+        entries = [(g.input_id, g.rewards.mean().item() - self.initial_reward[g.input_id],
+                    g.zero_std(self.config.zero_std_tolerance))
                    for g in rollout.sampled]
         return {**metrics, **self.by_initial_std(step, entries, ("num_prompts", "reward_gain"), "")}
 
@@ -513,7 +514,7 @@ class GRPORun(RLRun):
         """The monitor of one step, over all ranks: zero-std share, rollouts spent on zero-std
         groups, dynamic sampling's refills, GRESO's counts; reward of the sampled groups."""
         K = self.config.num_samples_per_input
-        zero = [g for g in rollout.sampled if g.std == 0]
+        zero = [g for g in rollout.sampled if g.zero_std(self.config.zero_std_tolerance)]
         predicted = rollout.choice.predicted
         s = self.ranks.sum_named({
             "sampled": len(rollout.sampled), "zero": len(zero), "refills": rollout.refills,

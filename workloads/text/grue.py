@@ -39,8 +39,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.availability import DatasetNotAvailableError, hub_endpoint, hub_is_reachable, hub_offline_mode
+from ..core.availability import (DatasetNotAvailableError, check_dataset_available, hub_endpoint, hub_is_reachable,
+                                 hub_offline_mode)
 from ..core.local_data import load_local_split
+from .task_base import Task, TextExample
 
 EOU = "<EOU>"  # DailyDialog's end-of-utterance marker (RL4LMs)
 DAILY_DIALOG_CONTEXT_TURNS = 5
@@ -48,15 +50,6 @@ IMDB_SHUFFLE_SEED = 42  # the reference datapool shuffles IMDB with seed 42 befo
 IMDB_TRAIN_FRACTION = 0.8  # of the hub's train split; the rest is our validation split
 IMDB_TEST_SIZE = 5000  # the reference datapool keeps 5,000 shuffled test reviews
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass(frozen=True)
-class TextExample:
-    input_id: int  # position of the input in its split (after grouping / filtering)
-    source: str  # the full prompt text, prefix included
-    target: str  # the first reference SFT trains on
-    references: tuple[str, ...]  # all references: what the rewards score against
-    train_references: tuple[str, ...] | None = None  # SFT's references where they differ (IMDB); None = references
 
 
 # --------------------------------------------------------------------------
@@ -216,34 +209,53 @@ DEFAULT_REWARDS: dict[str, tuple[str, dict]] = {
 
 
 # --------------------------------------------------------------------------
-# the public interface used by workloads.tasks
+# the task, as workloads/text/tasks.py registers it
 # --------------------------------------------------------------------------
 
-def get_examples(task: str, split: str, indices: list[int], dataset_path: str | None = None) -> list[TextExample]:
-    table, keys = _split_inputs(task, split, dataset_path)
-    examples = []
-    for index in indices:
-        if not 0 <= index < len(keys):
-            raise IndexError(f"input {index} out of range for split {split!r} of {task!r} ({len(keys)} inputs)")
-        spec = GRUE_TASKS[task]
-        prompt, references = spec.build(table, keys[index])
-        train_references = tuple(spec.train_references(table, keys[index])) if spec.train_references else None
-        examples.append(TextExample(index, prompt, (train_references or references)[0], tuple(references),
-                                    train_references))
-    return examples
+NAMES = tuple(GRUE_TASKS)
 
 
-def split_size(task: str, split: str, dataset_path: str | None = None) -> int:
-    return len(_split_inputs(task, split, dataset_path)[1])
+class GrueTextTask(Task):
+    def __init__(self, name: str, options):
+        super().__init__(name, options)
+        self.spec = GRUE_TASKS[name]
+        self.default_reward, self.default_reward_args = DEFAULT_REWARDS[name]
+        self.dataset_path = options.dataset_path
+
+    def check_data(self) -> None:
+        check_dataset_available(self.name, self.spec.hub_id, self.dataset_path)
+
+    def examples(self, split: str, indices: list[int]) -> list[TextExample]:
+        table, keys = _split_inputs(self.name, split, self.dataset_path)
+        examples = []
+        for index in indices:
+            if not 0 <= index < len(keys):
+                raise IndexError(f"input {index} out of range for split {split!r} of {self.name!r} ({len(keys)} inputs)")
+            prompt, references = self.spec.build(table, keys[index])
+            train_references = (tuple(self.spec.train_references(table, keys[index]))
+                                if self.spec.train_references else None)
+            examples.append(TextExample(index, prompt, (train_references or references)[0], tuple(references),
+                                        train_references))
+        return examples
+
+    def split_size(self, split: str) -> int:
+        return len(_split_inputs(self.name, split, self.dataset_path)[1])
+
+    def choose_inputs(self, split: str, num_inputs: int, seed: int) -> list[int]:
+        """The reference extraction's choice: the first `num_inputs` of a
+        numpy RandomState(seed) permutation of the split (paper: seed 7)."""
+        size = self.split_size(split)
+        if num_inputs > size:
+            raise ValueError(f"asked for {num_inputs} inputs but split {split!r} of {self.name!r} has {size}")
+        return np.random.RandomState(seed).permutation(size)[:num_inputs].tolist()
+
+    def reference_truncation_side(self, encoder_decoder: bool, stage: str) -> str:
+        table = PPO_PROMPT_TRUNCATION_SIDE if stage == "ppo" else REFERENCE_TRUNCATION_SIDE
+        return table[self.name]
 
 
-def choose_inputs(task: str, split: str, num_inputs: int, seed: int, dataset_path: str | None = None) -> list[int]:
-    """The reference extraction's choice: the first `num_inputs` of a
-    numpy RandomState(seed) permutation of the split (paper: seed 7)."""
-    size = split_size(task, split, dataset_path)
-    if num_inputs > size:
-        raise ValueError(f"asked for {num_inputs} inputs but split {split!r} of {task!r} has {size}")
-    return np.random.RandomState(seed).permutation(size)[:num_inputs].tolist()
+def make_task(name: str, options) -> GrueTextTask:
+    return GrueTextTask(name, options)
 
 
 @functools.lru_cache(maxsize=32)

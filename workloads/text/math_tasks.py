@@ -37,9 +37,11 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from .task_base import Task
+
 SPLIT_SIZES = {"train": 50_000, "validation": 2_000, "test": 2_000}
 INSTRUCTION = "Give the final answer as 'Answer: <number>'."
-NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Ben", "Zoe", "Raj"]
+PEOPLE = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Ben", "Zoe", "Raj"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells"]
 
 
@@ -48,6 +50,7 @@ def _levels(prefix: str, count: int) -> tuple[str, ...]:
 
 
 MATH_TASKS = (*_levels("arithmetic", 5), *_levels("word_problems", 3))
+NAMES = MATH_TASKS  # registered in workloads/text/tasks.py
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def arithmetic(level: int, rng: random.Random) -> tuple[str, int]:
 
 
 def word_problem(level: int, rng: random.Random) -> tuple[str, int]:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    name, item = rng.choice(PEOPLE), rng.choice(ITEMS)
     if level == 1:
         n, m = rng.randint(2, 20), rng.randint(1, 9)
         if rng.random() < 0.5:
@@ -137,31 +140,63 @@ def math_example(task: str, split: str, index: int) -> Example:
     return Example(index, f"{question} {INSTRUCTION}", f"Answer: {answer}", answer)
 
 
-def split_size(task: str, split: str) -> int:
-    task_family_and_level(task)
-    return SPLIT_SIZES[split]
+class MathTask(Task):
+    default_reward = "math_answer"
+
+    def __init__(self, name: str, options):
+        task_family_and_level(name)
+        super().__init__(name, options)
+
+    def split_size(self, split: str) -> int:
+        if split not in SPLIT_SIZES:
+            raise ValueError(f"unknown split {split!r}; allowed: {sorted(SPLIT_SIZES)}")
+        return SPLIT_SIZES[split]
+
+    def examples(self, split: str, indices: list[int]) -> list[Example]:
+        return [math_example(self.name, split, i) for i in indices]
 
 
-def get_examples(task: str, split: str, indices: list[int]) -> list[Example]:
-    return [math_example(task, split, i) for i in indices]
-
-
-def choose_inputs(task: str, split: str, num_inputs: int, seed: int) -> list[int]:
-    size = split_size(task, split)
-    if num_inputs > size:
-        raise ValueError(f"asked for {num_inputs} inputs but split {split!r} of {task!r} has {size}")
-    return random.Random(seed).sample(range(size), num_inputs)
+def make_task(name: str, options) -> MathTask:
+    return MathTask(name, options)
 
 
 # --------------------------------------------------------------------------
 # the final-answer parser
 # --------------------------------------------------------------------------
 
-_NUMBER = r"(?:(?<![\w)])[-−])?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+_NUMBER = r"(?:(?<![\w)])[-−])?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?"
 _ANY_NUMBER = re.compile(_NUMBER)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-# "Answer: ...", "the answer is ...", "final answer = ...", "#### ...": the rest of that line
-_ANSWER_LINE = re.compile(r"(?:(?:final\s+)?answer\s*(?:is\b|:|=)|####)([^\n]*)", re.IGNORECASE)
+_FRAC_ARG = r"(?:\{\s*([-−]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))\s*\}|(\d))"  # {-12.5} or one digit (\frac12)
+_LATEX_FRAC = re.compile(r"\\[cdt]?frac\s*" + _FRAC_ARG + r"\s*" + _FRAC_ARG)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+# "Answer: ...", "the answer is ...", "final answer = ...", "#### ..."; what follows, up to the
+# end of its clause, is the answer ("answer isn't" leaves "n't" there, for _NEGATED)
+_ANSWER_LINE = re.compile(r"(?:(?:final\s+)?answer\s*(?:is(?=n['’]t\b)|is\b|:|=)|####)", re.IGNORECASE)
+_NEGATED = re.compile(r"[ \t*:$]*(?:not|n['’]t|never)\b", re.IGNORECASE)
+# where a clause ends: a line end, ". " / "!" / "?" / ";" (not the point of "3.5"), or ", "
+_CLAUSE_END = re.compile(r"\n|[.!?;](?=\s|$)|,\s")
+
+
+def _latex_fraction(match: re.Match) -> str:
+    numerator, denominator = match.group(1) or match.group(2), match.group(3) or match.group(4)
+    sign = "-" if (numerator[0] in "-−") != (denominator[0] in "-−") else ""
+    glue = " " if match.start() and match.string[match.start() - 1].isdigit() else ""  # 2\frac12 is not 21/2
+    return f"{glue}{sign}{numerator.lstrip('-−')}/{denominator.lstrip('-−')}"
+
+
+def _boxed(text: str) -> list[tuple[int, str]]:
+    """(start, content) of each \\boxed{...} (or \\fbox), nested braces balanced, "\\{" skipped; linear."""
+    openers = {match.end() - 1: match.start() for match in _BOXED.finditer(text)}
+    found, stack = [], []
+    for token in _BRACE_TOKEN.finditer(text):
+        if token.group() == "{":
+            stack.append(token.start())
+        elif token.group() == "}" and stack:
+            brace = stack.pop()
+            if brace in openers:
+                found.append((openers[brace], text[brace + 1:token.start()]))
+    return sorted(found)
 
 
 def _to_number(text: str) -> Fraction | None:
@@ -169,7 +204,7 @@ def _to_number(text: str) -> Fraction | None:
     try:
         if "/" in text:
             numerator, denominator = text.split("/")
-            return Fraction(int(numerator), int(denominator)) if int(denominator) else None
+            return Fraction(numerator) / Fraction(denominator) if Fraction(denominator) else None
         return Fraction(text)
     except (ValueError, ZeroDivisionError):
         return None
@@ -178,7 +213,7 @@ def _to_number(text: str) -> Fraction | None:
 def _number_in(segment: str) -> Fraction | None:
     """The answer inside an explicit segment: after an "=" chain its result (the
     number after the last "="), otherwise the number it starts with (markdown
-    bold, "$" and spaces skipped): "answer is not 5, it is 7" is not explicit."""
+    bold, "$" and spaces skipped): "answer is about 5" is not explicit."""
     if "=" in segment:
         segment = segment.rsplit("=", 1)[1]
     segment = segment.lstrip(" \t*$:")
@@ -194,17 +229,34 @@ def _number_in(segment: str) -> Fraction | None:
 def parse_final_answer(output: str) -> tuple[Fraction | None, bool]:
     """(the final answer as an exact number or None, whether it was in an explicit form).
 
-    Explicit forms, most trusted first, the LAST occurrence winning: \\boxed{N};
-    "Answer: N" / "the answer is N" / "final answer = N" / "#### N" (within that
-    line; "Answer: 17 + 25 = 42" gives 42). Otherwise the LAST number in the
-    output. Thousands separators, a unicode minus, "42.0" and fractions "a/b" are
-    read exactly; "10 - 5" holds no negative number, "= -5" does."""
-    for pattern in (_BOXED, _ANSWER_LINE):
-        for segment in reversed(pattern.findall(output)):
-            value = _number_in(segment)
-            if value is not None:
-                return value, True
-    for candidate in reversed(_ANY_NUMBER.findall(output)):
+    Explicit forms, the LAST one in the output winning: \\boxed{N} (nested braces
+    allowed); "Answer: N" / "the answer is N" / "final answer = N" / "#### N",
+    read up to the end of that clause (". ", ", ", ";"), so "Answer: 17 + 25 = 42"
+    gives 42 and "The answer is 42. Check: 42 - 2 = 40" gives 42. A negated one
+    ("the answer is not 5, ...") is no answer, and its clause's numbers are
+    dropped. Otherwise the LAST number in the output. Read exactly: LaTeX
+    \\frac{a}{b} / \\dfrac / \\tfrac (signed), "a/b", ".5", "42.0", "1,234", a
+    unicode minus; "10 - 5" holds no negative number, "= -5" does."""
+    text = _LATEX_FRAC.sub(_latex_fraction, output)
+    explicit = [(start, _number_in(content)) for start, content in _boxed(text)]
+    negated_clauses, position = [], 0
+    while (match := _ANSWER_LINE.search(text, position)) is not None:
+        negated = _NEGATED.match(text, match.end())
+        clause_end = _CLAUSE_END.search(text, negated.end() if negated else match.end())
+        position = clause_end.start() if clause_end else len(text)
+        if negated:
+            negated_clauses.append((match.end(), position))
+        else:
+            explicit.append((match.start(), _number_in(text[match.end():position])))
+    answers = [(start, value) for start, value in explicit if value is not None]
+    if answers:
+        return max(answers, key=lambda answer: answer[0])[1], True
+    kept, previous = [], 0
+    for start, end in negated_clauses:  # the fallback reads the text minus the negated clauses
+        kept.append(text[previous:start])
+        previous = end
+    kept.append(text[previous:])
+    for candidate in reversed(_ANY_NUMBER.findall(" ".join(kept))):
         value = _to_number(candidate)
         if value is not None:
             return value, False

@@ -121,35 +121,44 @@ def is_encoder_decoder(model) -> bool:
     return bool(unwrap(model).config.is_encoder_decoder)
 
 
-def chat_formatted(tokenizer, prompts: list[str]) -> list[str] | None:
-    """Each prompt as one user turn of the tokenizer's chat template, ending where the
-    assistant's answer starts; None when the tokenizer has no chat template (GPT-2,
-    T5, the char tokenizer): those prompts are used as they are."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+def chat_formatted(tokenizer, prompts: list[str], chat_template: str = "auto",
+                   system_prompt: str | None = None) -> list[str] | None:
+    """Each prompt as one user turn of the tokenizer's chat template (after a system turn when
+    `system_prompt` is given), ending where the assistant's answer starts; None when no template
+    is used -- chat_template 'off', or 'auto' and the tokenizer has none (GPT-2, T5, the char
+    tokenizer): those prompts are used as they are, a system prompt and a blank line before them."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template == "on" and not has_template:
+        raise ValueError("chat_template = 'on', and this model's tokenizer has no chat template "
+                         "(allowed: auto, on, off)")
+    if chat_template == "off" or not has_template:
+        return [f"{system_prompt}\n\n{p}" for p in prompts] if system_prompt else None
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], tokenize=False,
                                           add_generation_prompt=True) for p in prompts]
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, encoder_decoder: bool,
-                   truncation_side: str | None = None) -> list[list[int]]:
+                   truncation_side: str | None = None, chat_template: str = "auto",
+                   system_prompt: str | None = None) -> list[list[int]]:
     """Token ids of prompts, cut to max_prompt_length tokens on `truncation_side`:
     by default a causal prompt keeps its END (where the continuation starts), an
     encoder prompt its beginning. The tokenizer itself truncates, as the
     reference's does (`tokenizer(text, truncation=True, max_length=...)`, apple/
     ml-rlgrad rl4lms/envs/text_generation/observation.py, utils_supervised.py):
-    special tokens survive the cut, so a T5 prompt keeps its closing </s>. A
-    tokenizer with a chat template gets each prompt as a user turn (the template
-    writes its own special tokens)."""
+    special tokens survive the cut, so a T5 prompt keeps its closing </s>. With a chat
+    template (`chat_formatted`) each prompt is a user turn (the template writes its own
+    special tokens)."""
     side = truncation_side or ("right" if encoder_decoder else "left")
     if side not in ("left", "right"):
         raise ValueError(f"truncation_side={side!r}; allowed: 'left', 'right'")
-    templated = chat_formatted(tokenizer, prompts)
+    templated = chat_formatted(tokenizer, prompts, chat_template, system_prompt)
+    uses_template = templated is not None and bool(getattr(tokenizer, "chat_template", None)) and chat_template != "off"
     previous = tokenizer.truncation_side
     tokenizer.truncation_side = side
     try:
         return tokenizer(templated if templated is not None else prompts,
-                         add_special_tokens=encoder_decoder and templated is None, truncation=True,
+                         add_special_tokens=encoder_decoder and not uses_template, truncation=True,
                          max_length=max_prompt_length)["input_ids"]
     finally:
         tokenizer.truncation_side = previous

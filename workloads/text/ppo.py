@@ -69,7 +69,7 @@ from .nlpo_config import NLPOConfig
 from .ppo_config import PPOConfig
 from .rl_loop import RLRun, Ranks, bucket_of, std_buckets, train
 from .sampling import Group, Prompts, ScoredSamples, choice_seed
-from .tasks import choose_inputs, split_size
+from .tasks import task_of
 
 VALUE_HEAD_FILE = "value_head.pt"
 VALUE_MODEL_DIR = "value_model"  # the critic's language model, beside the policy's weights
@@ -242,8 +242,8 @@ def optimizer_for(model: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
 def train_pool(config: PPOConfig) -> list[int]:
     """The train inputs rollouts draw from: num_train_inputs of them at random (seed), all of the
     split when it has fewer (the reference's datapool uses every train input)."""
-    size = min(config.num_train_inputs, split_size(config.task, "train", config.dataset_path))
-    return choose_inputs(config.task, "train", size, config.seed, config.dataset_path)
+    task = task_of(config)
+    return task.choose_inputs("train", min(config.num_train_inputs, task.split_size("train")), config.seed)
 
 
 class PPORun(RLRun):

@@ -9,6 +9,9 @@ references take the best (max) over them, as the reference implementation does.
     name          arguments                                              used by (paper, RL4LMs id)
     reverse       -                                                      built-in offline task
     math_answer   format_weight=0.0                                      arithmetic_d*, word_problems_d* (verifiable)
+    exact_match   case_sensitive=False                                   task: dataset (its default)
+    reasoning_gym dataset, config={}                                     rg:<name> (reasoning-gym's score_answer)
+    math_verify   -                                                      Hugging Face's math-verify, for LaTeX answers
     rouge_l_max   stemming=True, alpha=0.5, length_limit=100             NarrativeQA (rouge_l_max)
     sacrebleu     tokenize="13a" ("intl" for IWSLT), lowercase=False     ToTTo, IWSLT 2017 (sacre_bleu)
     meteor        alpha=0.9, beta=3.0, gamma=0.5, tokenize="auto"         CommonGen, CNN/DM, DailyDialog (meteor)
@@ -34,12 +37,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..core.availability import RewardNotAvailableError, check_pretrained_available, runtime_data_is_assumed
+from .task_base import Reward
 
 
-@dataclass
-class Reward:
-    value: float
-    components: dict[str, float] = field(default_factory=dict)
 
 
 RewardFn = Callable[[list[str], list[str], list], list[Reward]]
@@ -108,6 +108,30 @@ def _check_math_answer(args: dict) -> None:
     weight = args.get("format_weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise RewardNotAvailableError(f"reward 'math_answer': format_weight must be a number >= 0, got {weight!r}")
+
+
+# --------------------------------------------------------------------------
+# exact_match: the default reward of a dataset task
+# --------------------------------------------------------------------------
+
+def normalized_answer(text: str, case_sensitive: bool) -> str:
+    """Outer whitespace and one trailing full stop dropped, inner whitespace runs made one space."""
+    text = " ".join(text.split()).removesuffix(".").strip()
+    return text if case_sensitive else text.casefold()
+
+
+def build_exact_match(case_sensitive: bool = False) -> RewardFn:
+    """1 when the output equals a reference after `normalized_answer`, else 0 (max over references)."""
+
+    def exact_match(prompts: list[str], outputs: list[str], references: list) -> list[Reward]:
+        rewards = []
+        for output, targets in zip(outputs, references, strict=True):
+            mine = normalized_answer(output, case_sensitive)
+            value = float(any(mine == normalized_answer(t, case_sensitive) for t in _reference_list(targets)))
+            rewards.append(Reward(value, {"exact_match": value}))
+        return rewards
+
+    return exact_match
 
 
 # --------------------------------------------------------------------------
@@ -384,9 +408,38 @@ def _check_sacrebleu(args: dict) -> None:
                                       f"allowed: {sorted(BLEU.TOKENIZERS)}")
 
 
+def _build_math_verify() -> RewardFn:
+    from .math_verify_reward import build_math_verify
+
+    return build_math_verify()
+
+
+def _check_math_verify(args: dict) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("math_verify") is None:
+        raise RewardNotAvailableError("reward 'math_verify' needs the math-verify package: "
+                                      "pip install -e '.[math-verify]' (math-verify==0.9.0)")
+
+
+def _build_reasoning_gym(dataset: str, config: dict | None = None) -> RewardFn:
+    from .reasoning_gym_task import build_reasoning_gym
+
+    return build_reasoning_gym(dataset, config)
+
+
+def _check_reasoning_gym(args: dict) -> None:
+    from .reasoning_gym_task import check_reasoning_gym
+
+    check_reasoning_gym(args)
+
+
 REWARDS: dict[str, RewardSpec] = {
     "reverse": RewardSpec(build_reverse),
     "math_answer": RewardSpec(build_math_answer, _check_math_answer),
+    "exact_match": RewardSpec(build_exact_match),
+    "reasoning_gym": RewardSpec(_build_reasoning_gym, _check_reasoning_gym),
+    "math_verify": RewardSpec(_build_math_verify, _check_math_verify),
     "rouge_l_max": RewardSpec(build_rouge_l_max, _check_rouge),
     "sacrebleu": RewardSpec(build_sacrebleu, _check_sacrebleu),
     "meteor": RewardSpec(build_meteor, _check_meteor),

@@ -36,13 +36,12 @@ from ..core.context import WorkloadContext
 from .config import grad_norm_temperature
 from .gradnorm import per_input_grad_norms
 from .models import load_model_and_tokenizer, token_log_probs
-from .rewards import get_reward
 from .sampling import Group, SamplingModel, evaluation_seed, prompts_of, sample_and_score, step_seed, table_rows
-from .tasks import get_examples, resolve_reward
+from .tasks import reward_of, task_of
 
 STATE_FILE = "rlgrad_rl_state.json"  # step done, the run's state (initial stds, ...)
 OPTIMIZER_FILE = "optimizer.pt"
-EVAL_COLUMNS = ["input_id", "reward_mean", "reward_std", "grad_norm"]
+EVAL_COLUMNS = ["input_id", "reward_mean", "reward_std", "reward_std_zero", "grad_norm"]
 
 
 # ============================================================================
@@ -130,7 +129,8 @@ class RLRun:
         self.policy, self.tokenizer = load_model_and_tokenizer(self.resume_from or config.model, self.device,
                                                                config.train_dtype)
         self.policy.eval()  # dropout off: π_old and π_θ are the same function before an update
-        self.reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
+        self.task = task_of(config)
+        self.reward_fn = reward_of(config, self.task)
         self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0  # updates done
         self.initial_std: dict[int, float] = {}  # evaluation input -> reward std at step 0
@@ -193,11 +193,10 @@ class RLRun:
         """K scored completions for each input, in sampling batches, in order."""
         config, groups = self.config, []
         for start in range(0, len(input_ids), self.sampling_batch):
-            examples = get_examples(config.task, "train", input_ids[start : start + self.sampling_batch],
-                                    config.dataset_path)
+            examples = self.task.examples("train", input_ids[start : start + self.sampling_batch])
             # rollouts are cut where the reference's RL environment cuts them (stage "ppo")
-            prompts = prompts_of(config.task, examples, self.tokenizer, config.generation,
-                                 self.policy.config.is_encoder_decoder, "ppo")
+            prompts = prompts_of(config, self.task, examples, self.tokenizer, self.policy.config.is_encoder_decoder,
+                                 "ppo")
             scored = sample_and_score(self.sampler.model, self.tokenizer, self.reward_fn, prompts,
                                       config.num_samples_per_input, config.generation, self.logits_processor,
                                       engine=self.engine)
@@ -229,7 +228,8 @@ class RLRun:
             log_probs, _ = token_log_probs(self.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs)
         sample_rows, input_rows = table_rows(step, [g.example for g in groups], prompts, scored,
                                              log_probs.sum(dim=1).tolist(), grad_norms,
-                                             self.ctx.model_name(self.config.model), f"{self.config.task}/train")
+                                             self.ctx.model_name(self.config.model), f"{self.config.task}/train",
+                                             self.config.zero_std_tolerance)
         self.ctx.writer.write_samples_and_inputs(shard, sample_rows, input_rows)
         return input_rows
 
@@ -246,7 +246,7 @@ class RLRun:
             for part in self.ranks.gather({r["input_id"]: (r["reward_std"], r["reward_mean"]) for r in rows}):
                 for input_id, (std, reward) in part.items():
                     self.initial_std[input_id], self.initial_reward[input_id] = std, reward
-        entries = [(r["input_id"], r["reward_mean"], r["reward_std"] == 0) for r in rows]
+        entries = [(r["input_id"], r["reward_mean"], r["reward_std_zero"]) for r in rows]
         overall = {"eval_reward_mean": self.ranks.mean([r["reward_mean"] for r in rows])}
         self.ctx.log_metrics(step, {"reward_mean": overall["eval_reward_mean"]}, split="eval")
         return {**overall, **self.by_initial_std(step, entries, ("num_inputs", "reward_mean"), "eval_")}

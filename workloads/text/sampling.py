@@ -24,7 +24,6 @@ from .config import GenerationConfig
 from .gradnorm import reward_stats
 from .models import encode_prompts, generate_outputs
 from .rewards import Reward
-from .tasks import prompt_text, references, truncation_side
 
 
 # Seeds of the random streams samples are drawn from. A run's streams are apart by
@@ -62,18 +61,21 @@ def engine_seed(seed: int, rank: int) -> int:
 
 @dataclass
 class Prompts:
-    texts: list[str]  # what the model is conditioned on
-    ids: list[list[int]]  # their token ids, cut to max_prompt_length
+    texts: list[str]  # what the model is conditioned on (before any chat template)
+    ids: list[list[int]]  # their token ids (templated), cut to max_prompt_length
     references: list[list[str]]  # every reference of each input: what its reward compares against
+    columns: list[dict]  # each input's row: what a Python reward function receives
+    input_ids: list[int]  # each input's id in its split
 
     def subset(self, indices: list[int]) -> "Prompts":
-        return Prompts([self.texts[i] for i in indices], [self.ids[i] for i in indices],
-                       [self.references[i] for i in indices])
+        return Prompts(*([getattr(self, f)[i] for i in indices] for f in PROMPT_FIELDS))
 
     @classmethod
     def concat(cls, parts: list["Prompts"]) -> "Prompts":
-        return cls([t for p in parts for t in p.texts], [i for p in parts for i in p.ids],
-                   [r for p in parts for r in p.references])
+        return cls(*([x for p in parts for x in getattr(p, f)] for f in PROMPT_FIELDS))
+
+
+PROMPT_FIELDS = ("texts", "ids", "references", "columns", "input_ids")
 
 
 @dataclass
@@ -125,6 +127,9 @@ class Group:
         """The reward std over the K completions (1/K); 0 exactly when all K rewards are equal."""
         return reward_stats(self.scored.reward_matrix)[1][0].item()
 
+    def zero_std(self, tolerance: float = 0.0) -> bool:
+        return is_zero_std(self.std, tolerance)
+
     @staticmethod
     def split(examples, prompts: Prompts, scored: ScoredSamples) -> list["Group"]:
         """A sampled batch as one Group per prompt, in order."""
@@ -137,14 +142,17 @@ class Group:
         return Prompts.concat([g.prompts for g in groups]), ScoredSamples.concat([g.scored for g in groups], K)
 
 
-def prompts_of(task: str, examples, tokenizer, gen: GenerationConfig, encoder_decoder: bool,
-               stage: str) -> Prompts:
-    """The prompts of `examples` for a workload `stage` ('extract' | 'ppo'), cut to
-    gen.max_prompt_length on the side the reference cuts them for that stage."""
-    texts = [prompt_text(task, ex, encoder_decoder) for ex in examples]
-    side = truncation_side(task, gen.truncation_side, encoder_decoder, stage)
-    return Prompts(texts, encode_prompts(tokenizer, texts, gen.max_prompt_length, encoder_decoder, side),
-                   [references(task, ex) for ex in examples])
+def prompts_of(config, task, examples, tokenizer, encoder_decoder: bool, stage: str) -> Prompts:
+    """The prompts of `examples` of `task` for a workload `stage` ('extract' | 'ppo'): in the config's
+    chat template and system prompt, cut to generation.max_prompt_length on the side the reference
+    cuts them for that stage."""
+    gen = config.generation
+    texts = [task.prompt_text(ex, encoder_decoder) for ex in examples]
+    side = task.truncation_side(gen.truncation_side, encoder_decoder, stage)
+    ids = encode_prompts(tokenizer, texts, gen.max_prompt_length, encoder_decoder, side,
+                         config.chat_template, config.system_prompt)
+    return Prompts(texts, ids, [task.references(ex) for ex in examples], [task.columns(ex) for ex in examples],
+                   [ex.input_id for ex in examples])
 
 
 class SamplingModel:
@@ -185,12 +193,20 @@ def sample_outputs(model, tokenizer, prompt_ids: list[list[int]], num_samples: i
     )
 
 
-def score_outputs(tokenizer, reward_fn, prompts: list[str], input_references: list, outputs: list[list[int]],
+def score_outputs(tokenizer, reward_fn, prompts: Prompts, outputs: list[list[int]],
                   num_samples: int) -> tuple[list[str], list[Reward]]:
-    """(texts, rewards) of prompt-major samples: one batch_decode and ONE reward call for all of them."""
+    """(texts, rewards) of prompt-major samples: one batch_decode and ONE reward call for all of them
+    (a reward that `takes_columns` also gets each input's row, its id and the output ids)."""
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    rewards = reward_fn([p for p in prompts for _ in range(num_samples)], texts,
-                        [refs for refs in input_references for _ in range(num_samples)])
+
+    def repeated(values: list) -> list:
+        return [v for v in values for _ in range(num_samples)]
+
+    extras = {}
+    if getattr(reward_fn, "takes_columns", False):
+        extras = {"columns": repeated(prompts.columns), "input_ids": repeated(prompts.input_ids),
+                  "output_ids": outputs}
+    rewards = reward_fn(repeated(prompts.texts), texts, repeated(prompts.references), **extras)
     return texts, rewards
 
 
@@ -198,12 +214,19 @@ def sample_and_score(model, tokenizer, reward_fn, prompts: Prompts, num_samples:
                      gen: GenerationConfig, logits_processor_factory=None, engine=None) -> ScoredSamples:
     """K samples for every prompt (from `engine` when given), decoded and scored."""
     outputs = sample_outputs(model, tokenizer, prompts.ids, num_samples, gen, logits_processor_factory, engine)
-    texts, rewards = score_outputs(tokenizer, reward_fn, prompts.texts, prompts.references, outputs, num_samples)
+    texts, rewards = score_outputs(tokenizer, reward_fn, prompts, outputs, num_samples)
     return ScoredSamples.of(num_samples, outputs, texts, rewards)
 
 
+def is_zero_std(std: float, tolerance: float = 0.0) -> bool:
+    """Whether a group counts as zero-std: its reward std (1/K) at most `tolerance` (config
+    zero_std_tolerance; 0 = all K rewards equal)."""
+    return std <= tolerance
+
+
 def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log_probs: list[float],
-               grad_norms: list[float | None], model: str, dataset: str) -> tuple[list[dict], list[dict]]:
+               grad_norms: list[float | None], model: str, dataset: str,
+               zero_std_tolerance: float = 0.0) -> tuple[list[dict], list[dict]]:
     """(`samples` rows, `inputs` rows) of scored prompts at a training step (0 for a fixed model)."""
     K = scored.num_samples_per_input
     reward_mean, reward_std, reward_std_unbiased = reward_stats(scored.reward_matrix)
@@ -221,7 +244,7 @@ def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log
         input_rows.append({
             "step": step, "input_id": ex.input_id, "prompt": prompts.texts[i], "num_samples": K,
             "reward_mean": reward_mean[i].item(), "reward_std": reward_std[i].item(),
-            "reward_std_unbiased": reward_std_unbiased[i].item(), "reward_std_zero": reward_std[i].item() == 0.0,
+            "reward_std_unbiased": reward_std_unbiased[i].item(), "reward_std_zero": is_zero_std(reward_std[i].item(), zero_std_tolerance),
             "grad_norm": grad_norms[i],
             "model": model, "dataset": dataset,
         })

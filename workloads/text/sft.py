@@ -41,9 +41,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core.context import WorkloadContext
 from .sft_config import SFTConfig
 from .models import encode_prompts, encode_targets, generate_outputs, load_model_and_tokenizer, token_log_probs, unwrap
-from .rewards import get_reward
-from .tasks import (BUILTIN_TASKS, get_examples, prompt_text, references, resolve_reward, split_size, train_references,
-                    truncation_side)
+from .sampling import Prompts, score_outputs
+from .tasks import reward_of, task_of
 
 NUM_EVAL_INPUTS = 64  # held-out validation inputs scored with greedy outputs at the end
 TRAINER_STATE = "rlgrad_trainer_state.json"  # steps done, saved next to the weights
@@ -60,7 +59,7 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
             start_step = json.load(f)["step"]
     encoder_decoder = model.config.is_encoder_decoder
 
-    side = truncation_side(config.task, config.truncation_side, encoder_decoder, stage="sft")
+    side = task_of(config).truncation_side(config.truncation_side, encoder_decoder, stage="sft")
     num_used, sequences = training_data(config, model, tokenizer, encoder_decoder, side)
     num_examples = len(sequences)
 
@@ -138,11 +137,15 @@ def run_sft(config: SFTConfig, ctx: WorkloadContext) -> dict:
 # --------------------------------------------------------------------------
 
 def held_out_evaluation(config: SFTConfig, model, tokenizer, encoder_decoder: bool, side: str) -> dict:
-    """Reward of greedy outputs on the first NUM_EVAL_INPUTS validation inputs."""
+    """Reward of greedy outputs on the first NUM_EVAL_INPUTS validation inputs ({} when the
+    task has no validation split: a dataset file without one)."""
     model.eval()
-    num_eval = min(NUM_EVAL_INPUTS, split_size(config.task, "validation", config.dataset_path))
-    eval_examples = get_examples(config.task, "validation", list(range(num_eval)), config.dataset_path)
-    eval_prompts = [prompt_text(config.task, ex, encoder_decoder) for ex in eval_examples]
+    task = task_of(config)
+    if not task.has_split("validation"):
+        return {}
+    num_eval = min(NUM_EVAL_INPUTS, task.split_size("validation"))
+    eval_examples = task.examples("validation", list(range(num_eval)))
+    eval_prompts = [task.prompt_text(ex, encoder_decoder) for ex in eval_examples]
     eval_targets = [ex.target for ex in eval_examples]
     new_tokens = max(len(t) for t in encode_targets(tokenizer, eval_targets)) + 8
     prompt_limit = config.max_prompt_length
@@ -152,13 +155,12 @@ def held_out_evaluation(config: SFTConfig, model, tokenizer, encoder_decoder: bo
         # SupervisedTrainer shortens the prompt by max_new_tokens when they would not fit
         new_tokens = min(new_tokens, positions // 2)
         prompt_limit = min(prompt_limit, positions - new_tokens)
-    outputs = generate_outputs(model, tokenizer,
-                               encode_prompts(tokenizer, eval_prompts, prompt_limit, encoder_decoder,
-                                              truncation_side=side),
-                               do_sample=False, max_new_tokens=new_tokens)
-    reward_fn = get_reward(*resolve_reward(config.task, config.reward, config.reward_args))
-    rewards = reward_fn(eval_prompts, tokenizer.batch_decode(outputs, skip_special_tokens=True),
-                        [references(config.task, ex) for ex in eval_examples])
+    ids = encode_prompts(tokenizer, eval_prompts, prompt_limit, encoder_decoder, truncation_side=side,
+                         chat_template=config.chat_template, system_prompt=config.system_prompt)
+    outputs = generate_outputs(model, tokenizer, ids, do_sample=False, max_new_tokens=new_tokens)
+    prompts = Prompts(eval_prompts, ids, [task.references(ex) for ex in eval_examples],
+                      [task.columns(ex) for ex in eval_examples], [ex.input_id for ex in eval_examples])
+    _, rewards = score_outputs(tokenizer, reward_of(config, task), prompts, outputs, 1)
     eval_metrics = {"eval_reward_mean": sum(r.value for r in rewards) / len(rewards)}
     for name in rewards[0].components:
         eval_metrics[f"eval_{name}_mean"] = sum(r.components[name] for r in rewards) / len(rewards)
@@ -170,14 +172,15 @@ def training_data(config: SFTConfig, model, tokenizer, encoder_decoder: bool,
     """(train inputs used, (context ids, scored ids) per training example): the first
     num_train_inputs train inputs, a seeded fraction of them labelled, one example
     per reference; the loss is log pi(scored | context) over the scored ids."""
-    num_inputs = min(config.num_train_inputs, split_size(config.task, "train", config.dataset_path))
+    task = task_of(config)
+    num_inputs = min(config.num_train_inputs, task.split_size("train"))
     num_used = max(1, round(config.frac_train_samples * num_inputs))
     train_ids = sorted(random.Random(config.seed).sample(range(num_inputs), num_used))
-    examples = get_examples(config.task, "train", train_ids, config.dataset_path)
+    examples = task.examples("train", train_ids)
     limit = config.max_train_length or model_positions(model, tokenizer)
-    pairs = [(prompt_text(config.task, ex, encoder_decoder), reference) for ex in examples
-             for reference in (train_references(config.task, ex) if config.references == "all" else [ex.target])]
-    builtin = config.task in BUILTIN_TASKS  # not in the reference: EOS, and no loss on its random prompts
+    pairs = [(task.prompt_text(ex, encoder_decoder), reference) for ex in examples
+             for reference in (task.train_references(ex) if config.references == "all" else [ex.target])]
+    builtin = task.sft_loss_on_reference_only()  # not in the reference: EOS, and no loss on its random prompts
     append_eos = config.causal_append_eos if config.causal_append_eos is not None else builtin
     loss_tokens = config.causal_loss_tokens or ("reference" if builtin else "prompt_and_reference")
     return num_used, build_training_sequences(tokenizer, pairs, encoder_decoder, limit, side, loss_tokens, append_eos)
