@@ -4,9 +4,9 @@ import re
 
 
 def correct(prompts, completions, answer, **kwargs):
-    """1 when the first number in the completion is the answer, else 0."""
-    firsts = [re.search(r"-?\d+", c) for c in completions]
-    return [float(m is not None and m.group() == a) for m, a in zip(firsts, answer)]
+    """1 when the completion's first line holds the answer as a number, else 0."""
+    firsts = [re.findall(r"-?\d+", (c.strip().splitlines() or [""])[0]) for c in completions]
+    return [float(a in numbers) for numbers, a in zip(firsts, answer)]
 
 
 def brief(prompts, completions, **kwargs):
