@@ -57,6 +57,9 @@ def _segment_stats(keys: list[np.ndarray], sample_idx: np.ndarray, reward: np.nd
     mean = np.add.reduceat(reward, starts) / count
     deviation = reward - np.repeat(mean, count)
     squares = np.add.reduceat(deviation * deviation, starts)
+    # K equal rewards have std exactly 0 (the mean of 8 x 0.1 is 0.09999999999999999, which
+    # would leave 1e-17), as workloads.text.gradnorm.reward_stats says on the workers
+    squares[np.maximum.reduceat(reward, starts) == np.minimum.reduceat(reward, starts)] = 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         std_unbiased = np.sqrt(squares / (count - 1))
     return {
@@ -72,16 +75,18 @@ def _hash_stats(keyed: pa.Table, int_keys: list[str]) -> dict[str, np.ndarray]:
     grouped = keyed.group_by(int_keys).aggregate([
         ("reward", "mean"), ("reward", "stddev", pc.VarianceOptions(ddof=0)),
         ("reward", "stddev", pc.VarianceOptions(ddof=1)), ("reward", "count"),
-        ("sample_idx", "min"), ("sample_idx", "max"), ("sample_idx", "sum"),
+        ("sample_idx", "min"), ("sample_idx", "max"), ("sample_idx", "sum"), ("reward", "min_max"),
     ])
     grouped = grouped.sort_by([(k, "ascending") for k in int_keys])
     std_cols = [i for i, n in enumerate(grouped.column_names) if n == "reward_stddev"]
     as_np = lambda c: c.to_numpy(zero_copy_only=False)  # noqa: E731
+    equal = (pc.struct_field(grouped["reward_min_max"], "min").to_numpy(zero_copy_only=False)
+             == pc.struct_field(grouped["reward_min_max"], "max").to_numpy(zero_copy_only=False))
     return {
         **{f"key{i}": as_np(grouped[k]) for i, k in enumerate(int_keys)},
         "count": as_np(grouped["reward_count"]), "mean": as_np(grouped["reward_mean"]),
-        "std": as_np(grouped.column(std_cols[0])),
-        "std_unbiased": np.nan_to_num(as_np(grouped.column(std_cols[1])), nan=np.nan),
+        "std": np.where(equal, 0.0, as_np(grouped.column(std_cols[0]))),
+        "std_unbiased": np.where(equal, 0.0, np.nan_to_num(as_np(grouped.column(std_cols[1])), nan=np.nan)),
         "idx_min": as_np(grouped["sample_idx_min"]), "idx_max": as_np(grouped["sample_idx_max"]),
         "idx_sum": as_np(grouped["sample_idx_sum"]),
     }
@@ -141,7 +146,9 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
                 f"{int((drawn != count).sum())} inputs have a number of sample rows other than the number their "
                 f"worker drew (lost or duplicated rows), e.g. trial {sorted_names[group_rank[np.argmax(drawn != count)]]}"
             )
-        columns.update(prompt=w["prompt"], grad_norm=w["grad_norm"], model=w["model"], dataset=w["dataset"])
+        columns.update(prompt=w["prompt"], grad_norm=w["grad_norm"], model=w["model"], dataset=w["dataset"],
+                       # the worker's verdict, under its config's zero_std_tolerance (recomputed where absent)
+                       reward_std_zero=pc.fill_null(w["reward_std_zero"], pa.array(stats["std"] == 0)))
     else:  # no per-input rows from the workers: take the strings at each group's first sample row
         firsts = pc.sort_indices(pa.table({"r": trial_rank, "s": step, "i": input_id, "k": sample_idx}),
                                  sort_keys=[("r", "ascending"), ("s", "ascending"), ("i", "ascending"), ("k", "ascending")])
@@ -159,7 +166,7 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
         columns[k] = pc.take(pa.array([row[k] for row in identity], pa.string()), ranks)
     columns.update(step=group_step, input_id=group_input, num_samples=count.astype(np.int32),
                    reward_mean=stats["mean"], reward_std=stats["std"], reward_std_unbiased=stats["std_unbiased"],
-                   reward_std_zero=stats["std"] == 0)
+                   **({} if "reward_std_zero" in columns else {"reward_std_zero": stats["std"] == 0}))
     table = pa.table({name: columns[name] for name in INPUTS.names}).cast(INPUTS)
     return table.replace_schema_metadata({"rlgrad.table": "inputs", "rlgrad.schema_version": SCHEMA_VERSION})
 

@@ -348,6 +348,30 @@ def test_zero_std_tolerance_in_tables_monitors_and_mitigations():
     assert torch.equal(group.rewards, torch.tensor(rewards, dtype=torch.float64))
 
 
+def test_equal_continuous_rewards_have_std_exactly_zero():
+    """Measured on the shipped sweep: eight rewards of 0.1 (a weighted sum of reward functions)
+    were stored as reward_std 1.4e-17, not zero-std, because numpy's segmented mean of them is
+    0.09999999999999999. K equal rewards must have std exactly 0, on the workers and in the
+    aggregated table, without a tolerance."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from orchestrator.aggregate import _hash_stats, _segment_stats
+    from workloads.text.gradnorm import reward_stats
+
+    rewards = np.array([0.1] * 8 + [0.1] * 7 + [1.1])
+    assert np.add.reduceat(rewards, [0, 8])[0] / 8 != 0.1  # the residue the stds inherit
+    expected = math.sqrt(7) / 8  # one reward 1 above seven equal ones: std (1/K) = sqrt(7)/8
+    keys = np.repeat([0, 1], 8)
+    segment = _segment_stats([keys], np.tile(np.arange(8), 2), rewards)
+    hashed = _hash_stats(pa.table({"k": keys, "sample_idx": np.tile(np.arange(8), 2), "reward": rewards}), ["k"])
+    worker = reward_stats(torch.tensor(rewards.reshape(2, 8)))[1].numpy()
+    for std in (segment["std"], hashed["std"], worker):
+        assert std[0] == 0.0 and std[1] == pytest.approx(expected, rel=1e-12)
+    assert segment["std_unbiased"][0] == 0.0 and hashed["std_unbiased"][0] == 0.0
+
+
 def test_the_example_folder_loads_as_a_user_would_write_it():
     """examples/times_tables: the JSONL and the 10-line reward module the README shows."""
     folder = os.path.join(REPO, "examples", "times_tables")

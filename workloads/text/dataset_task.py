@@ -113,6 +113,7 @@ def load_source_split(spec: DatasetSpec, split: str):
         return _read_snapshot(_SNAPSHOTS[spec.source_key()], split)
     import datasets
 
+    datasets.disable_progress_bars()  # "Generating train split" per file: rlgrad's console says what matters
     path = spec.path
     where = f"dataset.path {path!r}"
     try:

@@ -32,10 +32,15 @@ from .models import causal_inputs, pad_rows, sequence_log_probs
 
 
 def reward_stats(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, std with 1/K, std with 1/(K-1)) over the last dimension (the K samples)."""
+    """(mean, std with 1/K, std with 1/(K-1)) over the last dimension (the K samples). K equal
+    rewards have std exactly 0: floating-point summation leaves ~1e-17 for rewards such as
+    8 x 0.1 (a weighted sum of reward functions), which would read as a non-zero std."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     mean = rewards.mean(dim=-1)
-    return mean, rewards.std(dim=-1, correction=0), rewards.std(dim=-1, correction=1)
+    equal = rewards.amax(dim=-1) == rewards.amin(dim=-1)
+    zero = torch.zeros_like(mean)
+    return (mean, torch.where(equal, zero, rewards.std(dim=-1, correction=0)),
+            torch.where(equal, zero, rewards.std(dim=-1, correction=1)))
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
