@@ -370,6 +370,13 @@ def test_equal_continuous_rewards_have_std_exactly_zero():
     for std in (segment["std"], hashed["std"], worker):
         assert std[0] == 0.0 and std[1] == pytest.approx(expected, rel=1e-12)
     assert segment["std_unbiased"][0] == 0.0 and hashed["std_unbiased"][0] == 0.0
+    from workloads.text.gradnorm import leave_one_out_advantages
+
+    four = torch.tensor([[0.1] * 4, [0.1, 0.1, 0.1, 1.1]], dtype=torch.float64)
+    assert (torch.tensor([0.4], dtype=torch.float64) - 0.1).item() / 3 != 0.1  # the residue, measured as 2.6e-15 norms
+    advantages = leave_one_out_advantages(four)
+    assert advantages[0].tolist() == [0.0] * 4
+    assert advantages[1].tolist() == pytest.approx([-1 / 3, -1 / 3, -1 / 3, 1.0], rel=1e-12)
 
 
 def test_the_example_folder_loads_as_a_user_would_write_it():

@@ -6,6 +6,7 @@ the shards written before it stay."""
 
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -77,7 +78,9 @@ def run_deleting_the_folder(monkeypatch, folder: str, results: str):
     return spec, outcome, started[0]
 
 
-def test_a_users_data_and_reward_module_run_on_the_cluster_without_their_folder(tmp_path, monkeypatch):
+def test_a_users_data_and_reward_module_on_the_cluster_without_their_folder(tmp_path, monkeypatch, capsys):
+    """One sweep (one Ray start): extraction and GRPO on the user's data and rewards; then a stage
+    whose reward raises on the inputs with a = 9."""
     folder = user_folder(tmp_path, [
         {"name": "extract", "workload": "extract", "scaling": {"num_workers": 1},
          "config": common(reward_functions=["my_rewards.py:correct", "my_rewards.py:brief"],
@@ -85,42 +88,36 @@ def test_a_users_data_and_reward_module_run_on_the_cluster_without_their_folder(
         {"name": "grpo", "workload": "grpo", "scaling": {"num_workers": 1},
          "config": common(reward_functions=["my_rewards.py:correct"], num_train_inputs=4, inputs_per_step=2,
                           num_steps=1)},
-    ])
-    results = str(tmp_path / "results")
-    spec, outcome, runtime_env = run_deleting_the_folder(monkeypatch, folder, results)
-    assert runtime_env == {"py_modules": [folder]}
-    assert not outcome.failed
-    # the config names the files by absolute path (read from the sweep file's folder) ...
-    assert spec.stages[0].config["dataset"]["path"] == os.path.join(folder, "questions.jsonl")
-    root = ResultsRoot(results)
-    samples = root.read_table("mine", "samples").to_pylist()
-    extract = [r for r in samples if r["dataset"] == "dataset/train" and r["step"] == 0 and len(r["reward_components"]) == 2]
-    assert len(extract) == 6 * 4
-    for row in extract:
-        components = dict(row["reward_components"])
-        assert row["reward"] == pytest.approx(components["correct"] + 0.5 * (0 if components["brief"] != components["brief"]
-                                                                             else components["brief"]))
-    # ... and every prompt is one of the user's questions, read from the driver's snapshot
-    assert all(r["prompt"].startswith("What is ") and " times " in r["prompt"] for r in samples)
-    assert os.path.isdir(os.path.join(results, "mine", "task_data"))
-    trials = root.read_table("mine", "trials").to_pylist()
-    assert sorted(t["stage"] for t in trials) == ["extract", "grpo"] and all(t["status"] == "TERMINATED" for t in trials)
-
-
-def test_a_raising_reward_fails_its_trial_in_one_line_and_written_shards_stay(tmp_path, monkeypatch, capsys):
-    folder = user_folder(tmp_path, [
-        {"name": "extract", "workload": "extract", "scaling": {"num_workers": 1},
-         "config": common(reward_functions=["my_rewards.py:fails_on"], num_inputs=16, shard_size=2,
-                          seed=3)},
+        {"name": "failing", "workload": "extract", "scaling": {"num_workers": 0},
+         "config": common(reward_functions=["my_rewards.py:fails_on"], num_inputs=16, shard_size=2, seed=3)},
     ])
     results = str(tmp_path / "results")
     monkeypatch.setattr(console(), "line", lambda text, error=False: print(text))
-    _, outcome, _ = run_deleting_the_folder(monkeypatch, folder, results)
+    spec, outcome, runtime_env = run_deleting_the_folder(monkeypatch, folder, results)
+    assert runtime_env == {"py_modules": [folder]}
+    # the config names the files by absolute path (read from the sweep file's folder) ...
+    assert spec.stages[0].config["dataset"]["path"] == os.path.join(folder, "questions.jsonl")
+    root = ResultsRoot(results)
+    trials = {t["stage"]: t for t in root.read_table("mine", "trials").to_pylist()}
+    assert trials["extract"]["status"] == trials["grpo"]["status"] == "TERMINATED"
+    samples = root.read_table("mine", "samples").to_pylist()
+    extract = [r for r in samples if r["stage"] == "extract"]
+    assert len(extract) == 6 * 4
+    for row in extract:
+        components = dict(row["reward_components"])
+        brief = 0.0 if math.isnan(components["brief"]) else components["brief"]
+        assert row["reward"] == pytest.approx(components["correct"] + 0.5 * brief)
+    # ... and every prompt is one of the user's questions, read from the driver's snapshot
+    assert all(r["prompt"].startswith("What is ") and " times " in r["prompt"] for r in samples)
+    assert {r["stage"] for r in samples} >= {"extract", "grpo"}
+    assert os.path.isdir(os.path.join(results, "mine", "task_data"))
+
+    # the raising reward: that trial fails with one line naming the function and the input ...
     [failed] = outcome.failed
-    line = [l for l in capsys.readouterr().out.splitlines() if "FAILED" in l]
+    assert failed.trial.stage == "failing" and "reward function fails_on raised KeyError" in failed.error
+    line = [entry for entry in capsys.readouterr().out.splitlines() if "FAILED" in entry]
     assert line and "reward function fails_on raised KeyError: 'no reward for nine' on input" in line[0], line
-    assert "reward function fails_on raised KeyError" in failed.error
-    # seed 3 takes the 16 rows in the order 7 9 | 8 2 | 5 14 | ...: row 14 (a = 9) is in the third
-    # shard of 2, so the first two shards were written before the reward raised, and they stay
-    written = ResultsRoot(results).read_table("mine", "inputs")
-    assert sorted(written.column("input_id").to_pylist()) == [2, 7, 8, 9]
+    # ... and what it wrote stays: seed 3 takes the 16 rows in the order 7 9 | 8 2 | 5 14 | ...; row
+    # 14 (a = 9) is in the third shard of 2, so the first two shards were written before it raised
+    written = [r for r in root.read_table("mine", "inputs").to_pylist() if r["stage"] == "failing"]
+    assert sorted(r["input_id"] for r in written) == [2, 7, 8, 9]

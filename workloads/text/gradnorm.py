@@ -47,7 +47,9 @@ def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """r_k - b_k with b_k the mean of the other K-1 rewards (= K/(K-1) * (r_k - r̄))."""
     num_samples = rewards.shape[-1]
     baseline = (rewards.sum(dim=-1, keepdim=True) - rewards) / (num_samples - 1)
-    return rewards - baseline
+    # K equal rewards: every advantage is exactly 0 (the sums above leave ~1e-17 for 4 x 0.1)
+    equal = rewards.amax(dim=-1, keepdim=True) == rewards.amin(dim=-1, keepdim=True)
+    return torch.where(equal, torch.zeros_like(rewards), rewards - baseline)
 
 
 def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: list[list[list[int]]],
