@@ -395,3 +395,28 @@ def test_the_example_folder_loads_as_a_user_would_write_it():
     assert [r.value for r in got] == [1.1, 0.1, 0.0]
     with open(os.path.join(folder, "rewards.py")) as f:
         assert len([line for line in f if line.strip()]) <= 12
+
+
+def test_sft_and_ppo_run_on_a_dataset_task_with_reward_functions(tmp_path, reward_module):
+    """The other two workloads on the user's data: SFT on the completion field (the file has no
+    validation split: no held-out evaluation), PPO with the Python rewards."""
+    from workloads.text.ppo import run_ppo
+    from workloads.text.ppo_config import PPOConfig
+    from workloads.text.sft import run_sft
+    from workloads.text.sft_config import SFTConfig
+
+    rows = [dict(r, worked=f"{r['a']} + {r['b']} = {r['sum']}") for r in ROWS]
+    data = {"path": write_jsonl(tmp_path / "data.jsonl", rows), "prompt": "q", "answer": "sum", "completion": "worked"}
+    sft_ctx = local_context(str(tmp_path / "sft"), show_progress=False)
+    metrics = run_sft(SFTConfig.model_validate({"task": "dataset", "dataset": data, "max_steps": 2, "batch_size": 4,
+                                                "log_every_steps": 1, "references": "first"}), sft_ctx)
+    assert metrics["step"] == 2 and "eval_reward_mean" not in metrics
+    ppo_ctx = local_context(str(tmp_path / "ppo"), show_progress=False)
+    run_ppo(PPOConfig.model_validate({"task": "dataset", "dataset": data, "num_train_inputs": 5, "num_eval_inputs": 2,
+                                      "inputs_per_rollout": 2, "num_samples_per_input": 2, "rollout_tokens": None,
+                                      "num_rollouts": 1, "minibatch_size": 4, "generation": {"max_new_tokens": 3},
+                                      "reward_functions": [f"{reward_module}:short"]}), ppo_ctx)
+    samples = read_local_table(str(tmp_path / "ppo"), "samples").to_dict("records")
+    assert samples and all(set(dict(r["reward_components"])) == {"short"} for r in samples)
+    assert all(r["reward"] == (0.0 if len(r["output_token_ids"]) == 0 else float(len(r["output_token_ids"]) <= 2))
+               for r in samples)
