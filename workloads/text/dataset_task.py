@@ -114,6 +114,7 @@ def load_source_split(spec: DatasetSpec, split: str):
     import datasets
 
     datasets.disable_progress_bars()  # "Generating train split" per file: rlgrad's console says what matters
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse error is our one line, not also its log line
     path = spec.path
     where = f"dataset.path {path!r}"
     try:
@@ -151,8 +152,9 @@ def load_source_split(spec: DatasetSpec, split: str):
     except DatasetNotAvailableError:
         raise
     except Exception as error:  # datasets raises many types for a file that is not its format
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DatasetNotAvailableError(f"{where} could not be read as a dataset ({type(error).__name__}: "
+        cause = error.__cause__ or error  # datasets wraps the parser's error ("An error occurred while generating")
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise DatasetNotAvailableError(f"{where} could not be read as a dataset ({type(cause).__name__}: "
                                        f"{first[:300]})") from None
     return loaded.with_format("arrow")[:] if len(loaded) else loaded.data.table
 
