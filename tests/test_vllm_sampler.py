@@ -120,7 +120,7 @@ def test_extract_samples_through_the_engine_and_recomputes_log_probs_with_the_mo
 
 def test_grpo_refreshes_the_engine_after_every_update(stand_in, tmp_path, monkeypatch):
     # the random-init model earns reward 0 on `reverse`: a reward with spread, so that updates move it
-    monkeypatch.setattr(rl_loop, "get_reward", lambda *_: lambda prompts, texts, refs: [
+    monkeypatch.setattr(rl_loop, "reward_of", lambda *_: lambda prompts, texts, refs, **_: [
         Reward(float(len(t) % 2)) for t in texts])
     config = GRPOConfig.model_validate(dict(model="builtin:tiny-gpt2", task="reverse", num_train_inputs=8,
                                             inputs_per_step=4, num_samples_per_input=4, num_steps=2,
