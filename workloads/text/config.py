@@ -30,7 +30,7 @@ from ..core.availability import (
 from ..core.config import StrictConfig
 from .dataset_task import DatasetSpec
 from .packaged_models import PACKAGED_MODELS, check_packaged_model
-from .python_rewards import check_reward_functions
+from .python_rewards import check_reward_functions, split_reference
 from .tasks import check_task_and_reward
 
 BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-t5", *PACKAGED_MODELS)
@@ -174,8 +174,8 @@ class TextTaskConfig(StrictConfig):
 
     def reward_module_directories(self) -> list[str]:
         """Directories of 'file.py:function' rewards: what the cluster's workers get shipped."""
-        return sorted({os.path.dirname(r.rpartition(":")[0]) for r in self.reward_functions
-                       if r.rpartition(":")[0].endswith(".py")})
+        locations = [split_reference(reference)[0] for reference in self.reward_functions]
+        return sorted({os.path.dirname(location) for location in locations if location.endswith(".py")})
 
     @model_validator(mode="after")
     def _task_reward_model_and_data_can_run(self):

@@ -215,6 +215,7 @@ class DatasetTask(Task):
             raise ValueError("task: dataset needs a `dataset:` block (path, prompt, answer; "
                              "workloads/text/dataset_task.py)")
         self.spec = DatasetSpec.model_validate(options.dataset)
+        self.templated = self.spec.prompt_fields() != [self.spec.prompt]  # else: the prompt is one field
         self._tables: dict[str, object] = {}
 
     def _table(self, split: str):
@@ -263,7 +264,7 @@ class DatasetTask(Task):
                 raise IndexError(f"input {index} out of range for split {split!r} of {spec.path!r} "
                                  f"({table.num_rows} inputs)")
             row = table.slice(index, 1).to_pylist()[0]
-            prompt = (spec.prompt.format_map(row) if spec.prompt_fields() != [spec.prompt] else str(row[spec.prompt]))
+            prompt = spec.prompt.format_map(row) if self.templated else str(row[spec.prompt])
             answers = []
             for name in spec.answer_fields:
                 value = row[name]

@@ -46,9 +46,9 @@ def _reasoning_gym():
 
 
 def dataset_names() -> list[str]:
+    _reasoning_gym()  # installed, or one line saying how
     from reasoning_gym.factory import DATASETS
 
-    _reasoning_gym()
     return sorted(DATASETS)
 
 
@@ -71,8 +71,9 @@ def make_dataset(name: str, config: dict, split: str):
     if reserved:
         raise ValueError(f"task_args {reserved}: rlgrad sets a reasoning-gym dataset's seed and size "
                          "(per split; input i is its item i)")
-    if name not in dataset_names():
-        raise ValueError(f"unknown reasoning-gym dataset {name!r} (task rg:{name}); it has {len(dataset_names())}, "
+    names = dataset_names()
+    if name not in names:
+        raise ValueError(f"unknown reasoning-gym dataset {name!r} (task rg:{name}); it has {len(names)}, "
                          f"e.g. basic_arithmetic, chain_sum, gsm_symbolic, leg_counting")
     if name in NOT_PER_INDEX:
         raise ValueError(f"rg:{name}: reasoning-gym 0.1.25 does not generate its item i from (seed, i) alone "

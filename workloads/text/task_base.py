@@ -8,6 +8,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
+
 @dataclass
 class Reward:
     value: float
@@ -39,7 +40,6 @@ class Task:
 
     default_reward: str = "exact_match"
     default_reward_args: dict = {}
-    takes_task_args: bool = False  # whether `task_args` means anything to it
 
     def __init__(self, name: str, options: TaskOptions):
         self.name, self.options = name, options
@@ -108,7 +108,6 @@ class Task:
                                  f"default arguments {self.default_reward_args})")
             return self.default_reward, dict(self.default_reward_args)
         return reward, dict(reward_args or {})
-
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@
     task.truncation_side(setting, encoder_decoder, stage) -> 'left' | 'right'
     task.default_reward, task.default_reward_args          # what `reward: task` means
 
-Where tasks come from (SOURCES, the one place they are registered):
+Where tasks come from (`_sources()`, the one place they are registered):
   * workloads/text/builtin_task.py   `reverse`, offline, no data;
   * workloads/text/math_tasks.py     `arithmetic_d1..5`, `word_problems_d1..3`, offline, exact 0/1 reward;
   * workloads/text/grue.py           the seven GRUE tasks, from the hub or `dataset_path`;
