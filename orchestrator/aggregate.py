@@ -146,7 +146,8 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
                 f"{int((drawn != count).sum())} inputs have a number of sample rows other than the number their "
                 f"worker drew (lost or duplicated rows), e.g. trial {sorted_names[group_rank[np.argmax(drawn != count)]]}"
             )
-        columns.update(prompt=w["prompt"], grad_norm=w["grad_norm"], model=w["model"], dataset=w["dataset"],
+        columns.update(prompt=w["prompt"], grad_norm=w["grad_norm"], update_grad_norm=w["update_grad_norm"],
+                       model=w["model"], dataset=w["dataset"],
                        # the worker's verdict, under its config's zero_std_tolerance (recomputed where absent)
                        reward_std_zero=pc.fill_null(w["reward_std_zero"], pa.array(stats["std"] == 0)))
     else:  # no per-input rows from the workers: take the strings at each group's first sample row
@@ -154,6 +155,7 @@ def per_input_table(samples: pa.Table, worker_inputs: pa.Table | None) -> pa.Tab
                                  sort_keys=[("r", "ascending"), ("s", "ascending"), ("i", "ascending"), ("k", "ascending")])
         firsts = firsts.take(pa.array(np.concatenate([[0], np.cumsum(count)[:-1]])))
         columns.update(prompt=samples["prompt"].take(firsts), grad_norm=pa.nulls(len(count), pa.float64()),
+                       update_grad_norm=pa.nulls(len(count), pa.float64()),
                        model=samples["model"].take(firsts), dataset=samples["dataset"].take(firsts))
 
     # identity columns of each trial, read at its first sample row

@@ -227,8 +227,8 @@ def run(tmp_path, name, **overrides):
 def test_dynamic_sampling_never_trains_on_equal_rewards_and_counts_refills(tmp_path, monkeypatch):
     trained = []
     real_update = grpo.grpo_update
-    monkeypatch.setattr(grpo, "grpo_update", lambda learner, groups: (trained.append(list(groups)),
-                                                                      real_update(learner, groups))[1])
+    monkeypatch.setattr(grpo, "grpo_update", lambda learner, groups, **kw: (trained.append(list(groups)),
+                                                                            real_update(learner, groups, **kw))[1])
     metrics, ctx, inputs = run(tmp_path, "dyn", dynamic_sampling=True, max_refill_rounds=3)
     assert len(trained) == TINY["num_steps"]
     assert all(g.std > 0 for groups in trained for g in groups)  # never an equal-reward group

@@ -55,7 +55,7 @@ def test_per_input_stats_match_numpy(tmp_path):
         assert row["grad_norm"] == float(row["input_id"])
         assert row["reward_std_zero"] is (row["input_id"] == 3)  # recomputed: all K rewards equal
         assert row["sweep"] == "s" and row["trial"] == "extract-a"
-    assert pq.read_schema(summary.path).metadata[b"rlgrad.schema_version"] == b"3"
+    assert pq.read_schema(summary.path).metadata[b"rlgrad.schema_version"] == b"4"
 
 
 def test_aggregation_detects_duplicated_and_lost_rows(tmp_path):

@@ -213,8 +213,8 @@ def rlgrad_gradients(model_dir: str, options: dict, prompt_ids: list[int], minib
 
     step = grpo.minibatch_step
 
-    def recording_step(learner, batch, idx):
-        stats = step(learner, batch, idx)
+    def recording_step(learner, batch, idx, *args, **kwargs):
+        stats = step(learner, batch, idx, *args, **kwargs)
         losses.append(stats["loss"])
         return stats
 

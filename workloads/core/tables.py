@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"  # 2: samples gained prompt_token_ids and output_token_ids; 3: inputs.reward_std_zero
+SCHEMA_VERSION = "4"  # 2: samples gained prompt_token_ids and output_token_ids; 3: inputs.reward_std_zero;
+# 4: inputs.update_grad_norm
 
 IDENTITY_FIELDS = [
     pa.field("sweep", pa.string(), nullable=False),
@@ -75,6 +76,10 @@ INPUTS = pa.schema(
         # || (1/K) sum_k (r_k - b_k) grad log pi(y_k|x) ||_2 with leave-one-out
         # baseline b_k; null when the stage did not compute gradients
         pa.field("grad_norm", pa.float64()),
+        # NOT the above: || the gradient of the training loss's terms of this input's K outputs ||_2,
+        # i.e. this input's share of the gradient the optimiser step applied (before clipping; GRPO,
+        # from the update's own backward, workloads/text/update_grads.py); null where no update ran
+        pa.field("update_grad_norm", pa.float64()),
         pa.field("model", pa.string()),  # as in `samples`
         pa.field("dataset", pa.string()),
     ]

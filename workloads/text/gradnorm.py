@@ -378,26 +378,35 @@ def _outer_product_sum_squared_norms(a: torch.Tensor, g: torch.Tensor, norm_form
 
 class _Tokens:
     """A chunk's tokens in the per-input layout of the comment above: input i's
-    n_i tokens (its prompt once, then each sample's output tokens) at slots
-    0..n_i-1 of row i of a [G, n_max] table. `pick` takes one copy of each
+    n_i tokens (its prompt once, then each of its sequences' output tokens) at
+    slots 0..n_i-1 of row i of a [G, n_max] table. `pick` takes one copy of each
     token's activation (padding slots 0), `gather_sum` sums the gradients of
-    a token's copies (the K prompt copies)."""
+    a token's copies (the prompt's copies). `sizes[i]` consecutive sequences
+    belong to input i (K each here; the update's skipped completions make them
+    differ there, workloads.text.update_grads)."""
 
-    def __init__(self, attention_mask: torch.Tensor, prompt_width: int, num_inputs: int, num_samples: int):
+    def __init__(self, attention_mask: torch.Tensor, prompt_width: int, sizes: list[int]):
         num_sequences, width = attention_mask.shape
         device = attention_mask.device
+        num_inputs = len(sizes)
         real = attention_mask.bool()
+        input_of = torch.repeat_interleave(torch.arange(num_inputs, device=device),
+                                           torch.tensor(sizes, device=device))
+        first_sequence = torch.tensor([0] + sizes, device=device).cumsum(dim=0)[:-1]
         prompt_length = real[:, :prompt_width].sum(dim=1)
-        output_length = real[:, prompt_width:].sum(dim=1).view(num_inputs, num_samples)
-        output_start = (output_length.cumsum(dim=1) - output_length).reshape(-1)  # within the input's slots
-        self.length = prompt_length.view(num_inputs, num_samples)[:, 0] + output_length.sum(dim=1)
+        output_length = real[:, prompt_width:].sum(dim=1)
+        before = output_length.cumsum(dim=0) - output_length  # output tokens of all earlier sequences
+        output_start = before - before[first_sequence][input_of]  # ... of earlier sequences of the same input
+        outputs_of_input = torch.zeros(num_inputs, dtype=output_length.dtype, device=device).index_add_(
+            0, input_of, output_length)
+        self.length = prompt_length[first_sequence] + outputs_of_input
         self.num_inputs, self.width = num_inputs, max(1, int(self.length.max()))
         column = torch.arange(width, device=device)
         slot = torch.where(column < prompt_width, column - (prompt_width - prompt_length[:, None]),
                            prompt_length[:, None] + output_start[:, None] + column - prompt_width)
         sequence = torch.arange(num_sequences, device=device)
-        destination = ((sequence // num_samples)[:, None] * self.width + slot).reshape(-1)
-        first_copy = (column >= prompt_width)[None, :] | (sequence % num_samples == 0)[:, None]
+        destination = (input_of[:, None] * self.width + slot).reshape(-1)
+        first_copy = (column >= prompt_width)[None, :] | (sequence == first_sequence[input_of])[:, None]
         self.real_index = real.reshape(-1).nonzero().squeeze(1)
         self.real_destination = destination[self.real_index]
         self.copy_index = (real & first_copy).reshape(-1).nonzero().squeeze(1)
@@ -617,7 +626,7 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
 
     outputs, output_mask = pad_rows(flat_outputs, left=False, device=device)
     input_ids, attention_mask, position_ids, prompt_width = causal_inputs(flat_prompts, outputs, output_mask)
-    tokens = _Tokens(attention_mask, prompt_width, num_inputs, num_samples)
+    tokens = _Tokens(attention_mask, prompt_width, [num_samples] * num_inputs)
     # the head's tokens: real output tokens, predicted one column to their left, input-major
     sequence, t = output_mask.bool().nonzero(as_tuple=True)
     predicted_at = sequence * input_ids.shape[1] + prompt_width - 1 + t

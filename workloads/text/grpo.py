@@ -58,22 +58,26 @@ after the last update (step num_steps).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.context import WorkloadContext
-from .gradnorm import leave_one_out_advantages
+from .gradnorm import batched_grad_norms_unsupported, leave_one_out_advantages
+from .config import grad_norm_temperature
 from .grpo_config import GRPOConfig
 from .models import load_model_and_tokenizer, resolve_dtype, token_log_probs
 from .rl_loop import RLRun, Ranks, train
 from .sampling import Group, choice_seed, engine_seed, is_zero_std
 from .tasks import task_of
+from .update_grads import leave_one_out_from_update, update_backward
 from .vllm_sampler import build_for
 
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
@@ -143,10 +147,14 @@ def importance_weights(log_probs, old_log_probs, mask, level: str) -> torch.Tens
 
 
 def grpo_loss(config: GRPOConfig, log_probs, old_log_probs, ref_log_probs, advantages, mask,
-              dapo_normaliser: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              dapo_normaliser: float, counts: tuple[float, float] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The minibatch loss of advantage_estimator grpo (trl grpo_trainer.py `_compute_loss`):
     log-probs [B, T] at the sampling temperature, advantages [B, 1], mask 1 on the tokens that
-    count. Returns the loss and its statistics (region-clipped share of tokens, mean KL)."""
+    count. Returns the loss and its statistics (region-clipped share of tokens, mean KL).
+    `counts` (completions, tokens that count) of the whole minibatch, when the rows given are
+    only part of it (the rest have no gradient and add nothing to any sum): the normalisers."""
+    completions, tokens = counts or (log_probs.shape[0], mask.sum().item())
     weight = importance_weights(log_probs, old_log_probs, mask, config.importance_sampling_level)
     low, high = config.epsilon, config.upper_epsilon
     kl = None
@@ -167,34 +175,38 @@ def grpo_loss(config: GRPOConfig, log_probs, old_log_probs, ref_log_probs, advan
         per_token = per_token + config.beta * kl
     masked = per_token * mask  # [B, T] (a [B, 1] sequence-level term counts once per token)
     if config.loss_type == "grpo":
-        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / completions
     elif config.loss_type == "bnpo":
-        loss = masked.sum() / mask.sum().clamp(min=1.0)
+        loss = masked.sum() / max(tokens, 1.0)
     elif config.loss_type == "dr_grpo":
-        loss = masked.sum() / (per_token.shape[0] * config.generation.max_new_tokens)
+        loss = masked.sum() / (completions * config.generation.max_new_tokens)
     elif config.loss_type in ("dapo", "cispo"):
         loss = masked.sum() / max(dapo_normaliser, 1.0)
     elif config.loss_type == "luspo":
-        loss = masked.sum(-1).mean()
+        loss = masked.sum(-1).sum() / completions
     else:
         raise ValueError(f"loss_type = {config.loss_type!r}")
-    tokens = mask.sum().clamp(min=1.0)
+    tokens = max(tokens, 1.0)
     stats = {"clip_fraction": (clipped.expand_as(mask) * mask).sum() / tokens,
              "kl": (kl.expand_as(mask) * mask).sum() / tokens if kl is not None else torch.zeros(())}
     return loss, stats
 
 
-def rloo_loss(config: GRPOConfig, log_probs, old_log_probs, ref_log_probs, advantages, mask) -> tuple[torch.Tensor, dict]:
+def rloo_loss(config: GRPOConfig, log_probs, old_log_probs, ref_log_probs, advantages, mask,
+              counts: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict]:
     """The minibatch loss of advantage_estimator rloo (trl rloo_trainer.py `_compute_loss`): one
     ratio per completion from its summed log-probs, clipped, averaged over completions. The KL
-    is in the reward already; its statistic is TRL's per-token mean of log π - log π_ref."""
+    is in the reward already; its statistic is TRL's per-token mean of log π - log π_ref.
+    `counts`: as grpo_loss's."""
+    completions, tokens = counts or (log_probs.shape[0], mask.sum().item())
     weight = ((log_probs - old_log_probs) * mask).sum(-1, keepdim=True).exp()
     bounded = weight.clamp(1 - config.epsilon, 1 + config.upper_epsilon)
-    loss = -torch.minimum(weight * advantages, bounded * advantages).mean()
+    loss = -torch.minimum(weight * advantages, bounded * advantages).sum() / completions
     clipped = ((weight < 1 - config.epsilon) & (advantages < 0)) | ((weight > 1 + config.upper_epsilon) & (advantages > 0))
     kl = torch.zeros(()) if ref_log_probs is None else (
-        ((log_probs.detach() - ref_log_probs) * mask).sum() / mask.sum().clamp(min=1.0))
-    return loss, {"clip_fraction": clipped.double().mean(), "kl": kl}
+        ((log_probs.detach() - ref_log_probs) * mask).sum() / max(tokens, 1.0))
+    return loss, {"clip_fraction": clipped.double().sum() / completions, "kl": kl}
+
 
 
 # ============================================================================
@@ -213,9 +225,14 @@ class Learner:
     reference: nn.Module | None = None  # π_ref, loaded only when beta > 0
     train_model: nn.Module | None = None  # the policy under DistributedDataParallel; None = the policy
     stop_ids: set[int] = field(default_factory=set)  # EOS (and pad): a completion ending otherwise was truncated
+    # "auto": the update's backward forms each prompt's share of the gradient (update_grads.py) where the
+    # model is covered and the policy is not under DDP; "autograd": an ordinary loss.backward()
+    update_path: Literal["auto", "autograd"] = "auto"
 
     def __post_init__(self):
         self.train_model = self.train_model or self.policy
+        self.per_prompt = (self.update_path == "auto" and not self.ranks.distributed
+                           and batched_grad_norms_unsupported(self.policy) is None)
 
     def log_probs(self, model, prompts, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(log π(o_t | ...) per token, mask of real tokens) of `model` at the sampling temperature:
@@ -235,6 +252,7 @@ class Batch:
     loss_tokens: float  # tokens that count, all ranks together (DAPO's normaliser)
     old_log_probs: torch.Tensor | None = None  # [N, T] π_old; None = π_θ detached (ratio 1)
     ref_log_probs: torch.Tensor | None = None  # [N, T] π_ref, when beta > 0
+    rewards: torch.Tensor | None = None  # [N / K, K] each group's rewards (the leave-one-out norm's weights)
 
 
 def rollout_batch(learner: Learner, groups: list[Group]) -> Batch:
@@ -266,57 +284,154 @@ def rollout_batch(learner: Learner, groups: list[Group]) -> Batch:
     else:
         batch_std = bessel_std(rewards, ranks) if config.scale_rewards == "batch" else None
         advantages = group_advantages(rewards, config.scale_rewards, batch_std)
-    return Batch(prompts, outputs, advantages.flatten(), keep, num_minibatches, loss_tokens, old, ref)
+    return Batch(prompts, outputs, advantages.flatten(), keep, num_minibatches, loss_tokens, old, ref,
+                 torch.stack([g.rewards for g in groups]) if groups else None)
 
 
 UPDATE_STATISTICS = ("loss", "clip_fraction", "kl", "grad_norm_total")
 
 
-def grpo_update(learner: Learner, groups: list[Group], order: list[int] | None = None) -> dict[str, float]:
-    """num_iterations passes over the rollout in the same num_minibatches minibatches (`order`:
-    the shuffle, random by default); every rank takes the same number of optimiser steps (one
+@dataclass
+class UpdateMonitor:
+    """What an update measures of its rollout for the record, by group (the rollout's groups in
+    order) and completion (prompt-major), with the update's own forward and backward.
+
+    update_norms[g]    ||W_g||, group g's share of the gradient of the optimiser step that trained on
+                       it, first pass, before clipping (update_grads.py); 0 when its completions all have
+                       advantage 0 and there is no KL term
+    loo_norms[g]       the leave-one-out policy-gradient norm ||ĝ(x_g)|| at the policy that sampled,
+                       where the first optimiser step's backward gives it (update_grads.py says when)
+    log_probs[j]       log π(y_j | x) at temperature 1 under the policy that sampled, from the first
+                       optimiser step's forward
+    at_rollout_policy  called once, after the first backward and before the first optimiser step,
+                       while the policy is still the one that sampled: the caller measures there what
+                       the update did not
+    """
+
+    want_norms: bool = True
+    update_norms: dict[int, float] = field(default_factory=dict)
+    loo_norms: dict[int, float] = field(default_factory=dict)
+    log_probs: dict[int, float] = field(default_factory=dict)
+    at_rollout_policy: Callable[["UpdateMonitor"], None] | None = None
+
+
+def grpo_update(learner: Learner, groups: list[Group], order: list[int] | None = None,
+                monitor: UpdateMonitor | None = None) -> dict[str, float]:
+    """num_iterations passes over the rollout in the same num_minibatches minibatches (`order`: the
+    completions in order of the split, random by default; minibatch_shuffle groups keeps a prompt's
+    K completions in one minibatch); every rank takes the same number of optimiser steps (one
     with nothing to train on steps with a zero loss, so DDP's all-reduce still meets). Returns
-    each of UPDATE_STATISTICS averaged over the steps, the same on every rank."""
+    each of UPDATE_STATISTICS averaged over the steps, the same on every rank; fills `monitor`."""
     config = learner.config
+    K = config.num_samples_per_input
     batch = rollout_batch(learner, groups)
     n, steps = len(batch.outputs), batch.num_minibatches
-    order = torch.randperm(n).tolist() if order is None else order
+    if order is None and config.minibatch_shuffle == "groups":
+        shuffled = torch.randperm(n // K).tolist()
+        minibatches = [[g * K + k for g in shuffled[m * len(shuffled) // steps : (m + 1) * len(shuffled) // steps]
+                        for k in range(K)] for m in range(steps)]
+    else:
+        order = torch.randperm(n).tolist() if order is None else order
+        minibatches = [order[m * n // steps : (m + 1) * n // steps] for m in range(steps)]
     sums = dict.fromkeys(UPDATE_STATISTICS, 0.0)
-    for _ in range(config.num_iterations):
-        for m in range(steps):
-            for name, value in minibatch_step(learner, batch, order[m * n // steps : (m + 1) * n // steps]).items():
+    for iteration in range(config.num_iterations):
+        for m, idx in enumerate(minibatches):
+            step_monitor = monitor if iteration == 0 else None
+            for name, value in minibatch_step(learner, batch, idx, step_monitor, first=iteration == m == 0).items():
                 sums[name] += value
+    if monitor is not None and monitor.at_rollout_policy is not None and not minibatches:
+        monitor.at_rollout_policy(monitor)
     means = learner.ranks.sum_named({name: sums[name] / (config.num_iterations * steps) for name in sums})
     return {name: value / learner.ranks.world_size for name, value in means.items()}
 
 
-def minibatch_step(learner: Learner, batch: Batch, idx: list[int]) -> dict[str, float]:
-    """One optimiser step on the loss of the completions `idx`."""
+def minibatch_step(learner: Learner, batch: Batch, idx: list[int], monitor: UpdateMonitor | None = None,
+                   first: bool = False) -> dict[str, float]:
+    """One optimiser step on the loss of the completions `idx` (`first`: the rollout's first, taken
+    at the policy that sampled). A completion with advantage 0 and no KL term has no gradient: it
+    is not run through the model, and stays counted in every normaliser (the gradient is the same)."""
     config = learner.config
+    K = config.num_samples_per_input
     learner.optimizer.zero_grad(set_to_none=True)
-    if not idx:  # nothing here: a zero loss through the model keeps DDP's collective calls matched
+    idx = sorted(idx)  # a prompt's completions side by side (the loss does not depend on their order)
+    counts = (len(idx), float(sum(len(batch.outputs[i]) for i in idx if batch.keep[i])))
+    active = [i for i in idx if not (batch.advantages[i] == 0 and config.beta == 0)]
+    # DAPO: the rollout's tokens over its optimiser steps, per rank (DDP averages the ranks)
+    normaliser = batch.loss_tokens / (learner.ranks.world_size * batch.num_minibatches)
+
+    def loss_of(log_probs, mask):
+        """The minibatch loss as a function of the active completions' log-probs [B, T]."""
+        width = log_probs.shape[1]
+        mask = mask * batch.keep[active].to(log_probs)[:, None]
+        old = log_probs.detach() if batch.old_log_probs is None else batch.old_log_probs[active, :width]
+        advantages = batch.advantages[active].to(device=log_probs.device, dtype=log_probs.dtype).unsqueeze(1)
+        ref = None if batch.ref_log_probs is None else batch.ref_log_probs[active, :width]
+        if config.advantage_estimator == "rloo":
+            return rloo_loss(config, log_probs, old, ref, advantages, mask, counts)
+        return grpo_loss(config, log_probs, old, ref, advantages, mask, normaliser, counts)
+
+    prompts, outputs = [batch.prompts[i] for i in active], [batch.outputs[i] for i in active]
+    runs = [(g, len(list(members))) for g, members in itertools.groupby(active, key=lambda i: i // K)]
+    unit_log_probs = result = None
+    if not active:  # nothing with a gradient: a zero loss through the model keeps DDP's collectives matched
         stop = min(learner.stop_ids) if learner.stop_ids else 0
         (learner.log_probs(learner.train_model, [[stop]], [[stop]])[0].sum() * 0.0).backward()
-        learner.optimizer.step()
-        return dict.fromkeys(UPDATE_STATISTICS, 0.0)
-    log_probs, mask = learner.log_probs(learner.train_model, [batch.prompts[i] for i in idx],
-                                        [batch.outputs[i] for i in idx])
-    width = log_probs.shape[1]
-    mask = mask.to(log_probs.dtype) * batch.keep[idx].to(log_probs)[:, None]
-    old = log_probs.detach() if batch.old_log_probs is None else batch.old_log_probs[idx, :width]
-    advantages = batch.advantages[idx].to(device=log_probs.device, dtype=log_probs.dtype).unsqueeze(1)
-    ref = None if batch.ref_log_probs is None else batch.ref_log_probs[idx, :width]
-    if config.advantage_estimator == "rloo":
-        loss, stats = rloo_loss(config, log_probs, old, ref, advantages, mask)
+        loss, stats = torch.zeros(()), {"clip_fraction": torch.zeros(()), "kl": torch.zeros(())}
+    elif learner.per_prompt:
+        result = update_backward(learner.policy, prompts, outputs, [size for _, size in runs], loss_of,
+                                 temperature=config.generation.temperature,
+                                 per_prompt=monitor is not None and monitor.want_norms)
+        loss, stats, unit_log_probs = result.loss, result.stats, (result.unit_log_probs * result.mask).sum(-1)
     else:
-        # DAPO: the rollout's tokens over its optimiser steps, per rank (DDP averages the ranks)
-        normaliser = batch.loss_tokens / (learner.ranks.world_size * batch.num_minibatches)
-        loss, stats = grpo_loss(config, log_probs, old, ref, advantages, mask, normaliser)
-    loss.backward()
+        log_probs, mask = learner.log_probs(learner.train_model, prompts, outputs)
+        loss, stats = loss_of(log_probs, mask.to(log_probs.dtype))
+        loss.backward()
+        if config.generation.temperature == 1.0:
+            unit_log_probs = log_probs.detach().sum(-1)
+    if monitor is not None:
+        measure_update(monitor, config, batch, idx, active, runs, result, unit_log_probs, first)
+        if first and monitor.at_rollout_policy is not None:
+            monitor.at_rollout_policy(monitor)  # the optimiser has not moved the policy yet
     total = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(),
                                            config.max_grad_norm if config.max_grad_norm else float("inf"))
     learner.optimizer.step()
+    if not active:
+        return dict.fromkeys(UPDATE_STATISTICS, 0.0)
     return {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "grad_norm_total": float(total)}
+
+
+def measure_update(monitor: UpdateMonitor, config: GRPOConfig, batch: Batch, idx: list[int], active: list[int],
+                   runs: list[tuple[int, int]], result, unit_log_probs: torch.Tensor | None, first: bool) -> None:
+    """A minibatch's per-group shares of the gradient into the monitor; on the rollout's first
+    step also the log-probs and the leave-one-out norms its forward and backward give."""
+    K = config.num_samples_per_input
+    whole = {g for g, members in itertools.groupby(idx, key=lambda i: i // K) if len(list(members)) == K}
+    ran = [g for g, _ in runs]
+    if result is not None and result.squared is not None:
+        norms = dict(zip(ran, result.squared.clamp(min=0).sqrt().tolist()))
+        for g in whole:  # a group split across minibatches has no one share: left unmeasured
+            monitor.update_norms[g] = norms.get(g, 0.0)
+    if not first:
+        return
+    if unit_log_probs is not None:
+        monitor.log_probs.update(zip(active, unit_log_probs.tolist()))
+    if result is None or result.squared is None:
+        return
+    if grad_norm_temperature(config.grad_norm_of, config.generation) != config.generation.temperature:
+        return  # the leave-one-out norm is of another distribution than the update's
+    for g in whole - set(ran):  # every completion skipped (advantage 0): ĝ = 0 when the rewards are equal
+        if not leave_one_out_advantages(batch.rewards[g]).any():
+            monitor.loo_norms[g] = 0.0
+    kept, start = [], 0
+    for g, size in runs:
+        kept.append([i - g * K for i in active[start : start + size]])
+        start += size
+    tolerance = 1e-9 if result.token_weights.dtype == torch.float64 else 1e-4  # a recomputed π_old's rounding
+    derived = leave_one_out_from_update(result.squared, result.token_weights, result.mask, batch.rewards[ran],
+                                        kept, tolerance)
+    for g, norm in zip(ran, derived):
+        if g in whole and norm is not None:
+            monitor.loo_norms[g] = norm
 
 
 # ============================================================================
@@ -487,20 +602,30 @@ class GRPORun(RLRun):
         return Rollout(sampled, train_groups, refills, choice)
 
     def train_step(self, step: int) -> dict:
-        """Rollout -> record -> update -> monitor; logs and returns the step's metrics."""
-        seconds = {}
+        """Rollout -> update (measuring) -> record -> monitor; logs and returns the step's metrics."""
+        seconds = {"monitor_seconds": 0.0}
         tic = time.perf_counter()
         rollout = self.collect_rollout(step)
         seconds["rollout_seconds"] = time.perf_counter() - tic
-        tic = time.perf_counter()
         fresh = [g for g in rollout.sampled if not (step == 1 and g.input_id in self.cache)]  # step 0 wrote the rest
-        self.record(step - 1, f"train-step-{step:09d}-rank-{self.ctx.rank:03d}", fresh)
+        shard = f"train-step-{step:09d}-rank-{self.ctx.rank:03d}"
+        measured = {}
+
+        def at_rollout_policy(monitor: UpdateMonitor) -> None:
+            tic = time.perf_counter()
+            if not self.ctx.writer.exists("inputs", shard):  # a retry reuses the rows written
+                measured.update(self.measure_rest(fresh, rollout.train, monitor))
+            seconds["monitor_seconds"] += time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        update = grpo_update(self.learner, rollout.train,
+                             monitor=UpdateMonitor(self.config.monitor_grad_norm, at_rollout_policy=at_rollout_policy))
+        self.refresh_sampling()
+        seconds["update_seconds"] = time.perf_counter() - tic - seconds["monitor_seconds"]
+        tic = time.perf_counter()
+        self.record(step - 1, shard, fresh, **measured)
         self.observe(fresh)
         seconds["record_seconds"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        update = grpo_update(self.learner, rollout.train)
-        self.refresh_sampling()
-        seconds["update_seconds"] = time.perf_counter() - tic
         if step == 1:
             self.cache.clear()  # the step-0 samples are stale once the policy has moved
         metrics = {"step": step, **self.step_statistics(rollout), **update, **seconds}
@@ -509,6 +634,35 @@ class GRPORun(RLRun):
                     g.zero_std(self.config.zero_std_tolerance))
                    for g in rollout.sampled]
         return {**metrics, **self.by_initial_std(step, entries, ("num_prompts", "reward_gain"), "")}
+
+    def measure_rest(self, fresh: list[Group], trained: list[Group], monitor: UpdateMonitor) -> dict:
+        """The `record` arguments of the fresh groups at the policy that sampled: what the update's
+        first backward measured (monitor), the rest measured here -- the leave-one-out norms by the
+        separate pass (gradnorm.py), the log-probs by a no-grad forward."""
+        K = self.config.num_samples_per_input
+        index = {id(g): i for i, g in enumerate(trained)}
+        grad_norms, update_norms, log_probs = [], [], []
+        for group in fresh:
+            g = index.get(id(group))
+            trained_norm = None if g is None else monitor.update_norms.get(g)
+            loo = None if g is None else monitor.loo_norms.get(g)
+            if loo is None and g is None and group.zero_std(0.0):
+                loo = 0.0  # not trained (dynamic sampling dropped it): equal rewards, ĝ = 0 exactly
+            grad_norms.append(loo if self.config.monitor_grad_norm else None)
+            update_norms.append(trained_norm if self.config.monitor_grad_norm else None)
+            sums = [] if g is None else [monitor.log_probs.get(g * K + k) for k in range(K)]
+            log_probs.append(sums if sums and None not in sums else None)
+        missing = [i for i, norm in enumerate(grad_norms) if norm is None]
+        if self.config.monitor_grad_norm and missing:
+            for i, norm in zip(missing, self.grad_norms([fresh[i] for i in missing])):
+                grad_norms[i] = norm
+        missing = [i for i, sums in enumerate(log_probs) if sums is None]
+        if missing:
+            prompts, scored = Group.joined([fresh[i] for i in missing])
+            for i, sums in zip(missing, self.sequence_log_probs(prompts, scored)):
+                log_probs[i] = sums
+        return {"grad_norms": grad_norms, "update_grad_norms": update_norms,
+                "log_probs": [value for sums in log_probs for value in sums]}
 
     def step_statistics(self, rollout: Rollout) -> dict[str, float]:
         """The monitor of one step, over all ranks: zero-std share, rollouts spent on zero-std

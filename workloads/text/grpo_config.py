@@ -106,6 +106,10 @@ class GRPOConfig(SampledTaskConfig):
         "completions per optimiser step on each worker (TRL per_device_train_batch_size x "
         "gradient_accumulation_steps); a rollout takes ceil(completions / minibatch_size) steps, the same on "
         "every worker (TRL steps_per_generation)"))
+    minibatch_shuffle: Literal["groups", "completions"] = Field("groups", description=(
+        "how a rollout is shuffled into its minibatches: groups keeps each prompt's K completions in one "
+        "minibatch, so each prompt's share of an optimiser step is measured (update_grad_norm); completions "
+        "shuffles the completions themselves (TRL). The same with one minibatch per rollout"))
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (TRL default 1e-6)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default 0)")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (TRL/Trainer default 1.0); null = none")
@@ -123,7 +127,10 @@ class GRPOConfig(SampledTaskConfig):
     # bookkeeping and the monitor
     seed: int = Field(0, description="seed of prompt choice and sampling")
     grad_norm_of: GradNormOf = Field("sampling_policy", description=GRAD_NORM_OF)
-    monitor_grad_norm: bool = Field(True, description="per-prompt leave-one-out gradient norm of every sampled group (workloads.text.gradnorm)")
+    monitor_grad_norm: bool = Field(True, description=(
+        "per-prompt gradient norms of every sampled group: the leave-one-out policy-gradient norm (grad_norm, "
+        "workloads.text.gradnorm) and the prompt's share of the update (update_grad_norm), from the update's "
+        "own backward where the algebra allows (workloads.text.update_grads)"))
     reward_std_thresholds: Thresholds = Field(list(REWARD_STD_THRESHOLDS), description="monitor buckets by initial reward std at these edges")
     checkpoint_every_steps: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
 

@@ -213,25 +213,34 @@ class RLRun:
                                     temperature=grad_norm_temperature(self.config.grad_norm_of,
                                                                       self.config.generation)).tolist()
 
-    def record(self, step: int, shard: str, groups: list[Group], grad_norms: list | None = None) -> list[dict]:
-        """`samples` and `inputs` rows of `groups` at `step` (gradient norms at the current policy
-        unless given); a retry reads the rows a previous attempt wrote. Returns the `inputs` rows."""
+    def record(self, step: int, shard: str, groups: list[Group], grad_norms: list | None = None,
+               log_probs: list[float] | None = None, update_grad_norms: list | None = None) -> list[dict]:
+        """`samples` and `inputs` rows of `groups` at `step`: gradient norms and log-probs at the
+        current policy unless given (grad_norms per group, log_probs per completion); a retry
+        reads the rows a previous attempt wrote. Returns the `inputs` rows."""
         if not groups:
             return []
         written = self.ctx.writer.written_inputs(shard, EVAL_COLUMNS)
         if written is not None:
             return written
         prompts, scored = Group.joined(groups)
-        K = self.config.num_samples_per_input
         grad_norms = self.grad_norms(groups) if grad_norms is None else grad_norms
-        with torch.no_grad():  # the `log_prob` column: the model's own log π(y|x) at T = 1
-            log_probs, _ = token_log_probs(self.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs)
-        sample_rows, input_rows = table_rows(step, [g.example for g in groups], prompts, scored,
-                                             log_probs.sum(dim=1).tolist(), grad_norms,
-                                             self.ctx.model_name(self.config.model), f"{self.config.task}/train",
-                                             self.config.zero_std_tolerance)
+        if log_probs is None:
+            log_probs = [value for sums in self.sequence_log_probs(prompts, scored) for value in sums]
+        sample_rows, input_rows = table_rows(step, [g.example for g in groups], prompts, scored, log_probs,
+                                             grad_norms, self.ctx.model_name(self.config.model),
+                                             f"{self.config.task}/train", self.config.zero_std_tolerance,
+                                             update_grad_norms)
         self.ctx.writer.write_samples_and_inputs(shard, sample_rows, input_rows)
         return input_rows
+
+    def sequence_log_probs(self, prompts, scored) -> list[list[float]]:
+        """The `log_prob` column: the policy's own log π(y|x) at T = 1, per group's K completions."""
+        K = self.config.num_samples_per_input
+        with torch.no_grad():
+            log_probs, _ = token_log_probs(self.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs)
+        sums = log_probs.sum(dim=1).tolist()
+        return [sums[i : i + K] for i in range(0, len(sums), K)]
 
     # -- the fixed evaluation set --------------------------------------------------
 

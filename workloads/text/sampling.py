@@ -226,7 +226,8 @@ def is_zero_std(std: float, tolerance: float = 0.0) -> bool:
 
 def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log_probs: list[float],
                grad_norms: list[float | None], model: str, dataset: str,
-               zero_std_tolerance: float = 0.0) -> tuple[list[dict], list[dict]]:
+               zero_std_tolerance: float = 0.0,
+               update_grad_norms: list[float | None] | None = None) -> tuple[list[dict], list[dict]]:
     """(`samples` rows, `inputs` rows) of scored prompts at a training step (0 for a fixed model)."""
     K = scored.num_samples_per_input
     reward_mean, reward_std, reward_std_unbiased = reward_stats(scored.reward_matrix)
@@ -245,7 +246,7 @@ def table_rows(step: int, examples, prompts: Prompts, scored: ScoredSamples, log
             "step": step, "input_id": ex.input_id, "prompt": prompts.texts[i], "num_samples": K,
             "reward_mean": reward_mean[i].item(), "reward_std": reward_std[i].item(),
             "reward_std_unbiased": reward_std_unbiased[i].item(), "reward_std_zero": is_zero_std(reward_std[i].item(), zero_std_tolerance),
-            "grad_norm": grad_norms[i],
+            "grad_norm": grad_norms[i], "update_grad_norm": update_grad_norms[i] if update_grad_norms else None,
             "model": model, "dataset": dataset,
         })
     return sample_rows, input_rows
