@@ -193,7 +193,7 @@ def groups_of(prompt_ids: list[int]) -> list[Group]:
 
 
 def rlgrad_gradients(model_dir: str, options: dict, prompt_ids: list[int], minibatches: int, iterations: int,
-                     step_length: float):
+                     step_length: float, update_path: str = "auto"):
     """rlgrad's advantages, and the loss and gradient of every optimiser step of `grpo_update`."""
     config = GRPOConfig.model_validate({
         "model": "builtin:tiny-gpt2", "task": "reverse", "num_samples_per_input": K, "inputs_per_step": 1,
@@ -205,7 +205,9 @@ def rlgrad_gradients(model_dir: str, options: dict, prompt_ids: list[int], minib
     if config.beta > 0:
         reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval().requires_grad_(False)
     optimizer = RecordingSGD(policy.parameters(), step_length)
-    learner = Learner(config, policy, optimizer, Ranks(0, 1, torch.device("cpu")), reference, stop_ids={EOS, 0})
+    learner = Learner(config, policy, optimizer, Ranks(0, 1, torch.device("cpu")), reference, stop_ids={EOS, 0},
+                      update_path=update_path)
+    assert learner.per_prompt == (update_path == "auto")  # auto: the update's per-prompt backward (update_grads.py)
     groups = groups_of(prompt_ids)
     advantages = rollout_batch(learner, groups).advantages
     losses = []
@@ -227,13 +229,15 @@ def rlgrad_gradients(model_dir: str, options: dict, prompt_ids: list[int], minib
 
 
 def assert_same_update(model_dir, tmp, options: dict, schedule: str, prompt_ids=(0, 1, 2, 3), clips: bool = True):
+    options = dict(options)
+    update_path = options.pop("update_path", "auto")
     minibatches, iterations = SCHEDULES[schedule]
     step = STEP_LENGTHS[options.get("importance_sampling_level", "token")]
     with float64_default():
         trl_advantages, trl_losses, trl_grads = trl_gradients(model_dir, dict(options), list(prompt_ids), minibatches,
                                                               iterations, tmp, step)
         advantages, losses, grads, stats = rlgrad_gradients(model_dir, dict(options), list(prompt_ids), minibatches,
-                                                            iterations, step)
+                                                            iterations, step, update_path)
     torch.testing.assert_close(advantages, trl_advantages, rtol=TOLERANCE, atol=1e-7, msg="advantages")
     assert len(grads) == len(trl_grads) == minibatches * iterations
     for step, (ours, theirs, loss, trl_loss) in enumerate(zip(grads, trl_grads, losses, trl_losses)):
@@ -269,6 +273,15 @@ def test_grpo_update_equals_trl(model_dir, tmp_path, loss_type, scale_rewards, b
 def test_rloo_update_equals_trl(model_dir, tmp_path, normalize_advantages, beta, temperature, schedule):
     assert_same_update(model_dir, tmp_path, dict(advantage_estimator="rloo", normalize_advantages=normalize_advantages,
                                                  beta=beta, temperature=temperature), schedule)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("loss_type", LOSS_TYPES + ["rloo"])
+def test_ordinary_update_equals_trl(model_dir, tmp_path, loss_type, schedule):
+    """The ordinary loss.backward() update -- what a policy under DDP, or a model outside update_grads.py's
+    family, trains with -- against TRL as well (every other case here runs the per-prompt backward)."""
+    options = dict(advantage_estimator="rloo") if loss_type == "rloo" else dict(loss_type=loss_type)
+    assert_same_update(model_dir, tmp_path, dict(options, beta=0.1, temperature=1.5, update_path="autograd"), schedule)
 
 
 OPTIONS = {

@@ -228,6 +228,7 @@ class Learner:
     # "auto": the update's backward forms each prompt's share of the gradient (update_grads.py) where the
     # model is covered and the policy is not under DDP; "autograd": an ordinary loss.backward()
     update_path: Literal["auto", "autograd"] = "auto"
+    skip_zero_advantage: bool = True  # completions without a gradient are not run (False: benchmarks' before)
 
     def __post_init__(self):
         self.train_model = self.train_model or self.policy
@@ -355,7 +356,7 @@ def minibatch_step(learner: Learner, batch: Batch, idx: list[int], monitor: Upda
     learner.optimizer.zero_grad(set_to_none=True)
     idx = sorted(idx)  # a prompt's completions side by side (the loss does not depend on their order)
     counts = (len(idx), float(sum(len(batch.outputs[i]) for i in idx if batch.keep[i])))
-    active = [i for i in idx if not (batch.advantages[i] == 0 and config.beta == 0)]
+    active = [i for i in idx if not (learner.skip_zero_advantage and batch.advantages[i] == 0 and config.beta == 0)]
     # DAPO: the rollout's tokens over its optimiser steps, per rank (DDP averages the ranks)
     normaliser = batch.loss_tokens / (learner.ranks.world_size * batch.num_minibatches)
 
