@@ -132,13 +132,13 @@ class PeakMemory:
             self.mib = (_status_kib("VmHWM") * 1024 - self.before) / 2**20
 
 
-OPTIMIZERS: dict[str, torch.optim.Optimizer] = {}
+OPTIMIZERS: dict[int, torch.optim.Optimizer] = {}
 
 
-def fresh_optimizer(name, policy, learning_rate) -> torch.optim.Optimizer:
-    """The variant's AdamW with its moments zeroed and its step count reset: as new, without the
-    allocation of new moments (page faults that made the first step's time vary 3x between runs)."""
-    optimizer = OPTIMIZERS.setdefault(name, torch.optim.AdamW(policy.parameters(), lr=learning_rate))
+def fresh_optimizer(policy, learning_rate) -> torch.optim.Optimizer:
+    """One AdamW for every variant, its moments zeroed and its step count reset before each: as new,
+    without allocating new moments (page faults that made the first step's time vary 3x between runs)."""
+    optimizer = OPTIMIZERS.setdefault(id(policy), torch.optim.AdamW(policy.parameters(), lr=learning_rate))
     for state in optimizer.state.values():
         for value in state.values():
             value.zero_()
@@ -152,7 +152,7 @@ def run_variant(name, config, policy, weights, groups, device) -> tuple[dict, fl
     with torch.no_grad():
         for p, w in zip(policy.parameters(), weights, strict=True):
             p.copy_(w)
-    optimizer = fresh_optimizer(name, policy, config.learning_rate)
+    optimizer = fresh_optimizer(policy, config.learning_rate)
     seconds = {}
     learner = Learner(config, policy, optimizer, Ranks(0, 1, device), update_path=update_path,
                       skip_zero_advantage=skip, stop_ids={config_eos(policy), 0})
@@ -271,10 +271,10 @@ def main(argv=None) -> None:
         texts, rewards = score_outputs(tokenizer, reward_fn, prompts, outputs, args.samples)
         score_seconds = time.perf_counter() - tic
         groups = Group.split(examples, prompts, ScoredSamples.of(args.samples, outputs, texts, rewards))
+        if repeat == 0 and device.type == "cpu":  # each variant's peak in a fresh process, on these samples
+            memory = cpu_peaks(groups, args)
         results = {v: run_variant(v, config, policy, weights, groups, device) for v in VARIANTS}
         if repeat == 0:
-            if device.type == "cpu":  # each variant's peak in a fresh process, on these samples
-                memory = cpu_peaks(groups, args)
             continue  # warm-up
         for name, value in sample_seconds.items():
             sampling[name].append(value)
