@@ -12,13 +12,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_gradnorm import tiny_llama_family
 
 from workloads.text import grpo
 from workloads.text.gradnorm import per_input_grad_norms_loop
 from workloads.text.grpo import Learner, UpdateMonitor, grpo_loss, grpo_update, rloo_loss
 from workloads.text.grpo_config import GRPOConfig
-from workloads.text.models import token_log_probs
+from workloads.text.models import load_model_and_tokenizer, token_log_probs
 from workloads.text.rewards import Reward
 from workloads.text.rl_loop import Ranks
 from workloads.text.sampling import Group, Prompts, ScoredSamples
@@ -39,20 +39,10 @@ EQUAL_LENGTHS = [[[20, 21, EOS], [22, 3, EOS], [23, 24, 25], [27, 28, EOS]],
                  [[47, 48, 49], [4, 3, EOS], [9, 3, EOS], [6, 3, EOS]]]
 
 
-def tiny_llama(tied: bool) -> LlamaForCausalLM:
-    tokenizer = build_char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tied)
+def tiny_llama(tied: bool):
+    """gradnorm's tiny float64 Llama (grouped KV heads, RMSNorm weights off 1), its own RNG state."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = LlamaForCausalLM(config).to(torch.float64).eval()
-        with torch.no_grad():  # RMSNorm weights off 1, so a wrong normalised activation would show
-            for module in model.modules():
-                if type(module).__name__.endswith("RMSNorm"):
-                    module.weight.uniform_(0.5, 1.5)
-    return model
+        return tiny_llama_family(load_model_and_tokenizer("builtin:tiny-gpt2")[1], "llama", tied)
 
 
 def groups_of(completions=COMPLETIONS, rewards=REWARDS) -> list[Group]:

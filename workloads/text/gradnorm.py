@@ -22,6 +22,7 @@ Two ways to compute the gradient norms, with the same arguments and result:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -539,29 +540,20 @@ def _head_pass(head, hidden, targets, weights, counts, *, budget: int, norm_dtyp
     return grad_hidden, squared, head_rows
 
 
-class _LayerGradients:
-    """The per-layer hooks of the batched pass: each sees a layer's input activations and
-    output gradients and adds that layer's ||∇θ_i||² for every input i to `squared`."""
+class _LayerHooks:
+    """What both hooked passes share (this file's norms, update_grads.py's per-prompt gradients):
+    the forward hook that registers, on each covered module's output, a hook receiving its output
+    gradient with its input activation; the embeddings' ids and outputs (the backward's leaves);
+    and a norm layer's â. Subclasses define on_linear_grad and on_norm_grad."""
 
-    def __init__(self, tokens, trainable: set, norm_dtype: torch.dtype, norm_form: str, num_inputs: int, device):
-        self.tokens, self.trainable, self.norm_dtype, self.norm_form = tokens, trainable, norm_dtype, norm_form
-        self.squared = torch.zeros(num_inputs, dtype=torch.float64, device=device)
+    def __init__(self, tokens, trainable: set, norm_dtype: torch.dtype):
+        self.tokens, self.trainable, self.norm_dtype = tokens, trainable, norm_dtype
         self.ids_of = {}  # embedding module -> _IdsByInput of its forward
         self.embedding_outputs = {}  # embedding module -> its output, a leaf of the backward
         self.called, self.probing = set(), set()
 
-    def add(self, value: torch.Tensor) -> None:
-        self.squared = self.squared + value.to(device=self.squared.device, dtype=torch.float64)
-
-    def on_linear_grad(self, module, x, g):
-        # ∇W_i = Σ_τ a_τ g_τᵀ (Conv1D's [d_in, d_out] weight) or its transpose (Linear's): same norm
-        g = self.tokens.gather_sum(g, self.norm_dtype)
-        if module.bias is not None and id(module.bias) in self.trainable:
-            self.add(g.sum(dim=1).square().sum(dim=1))  # ∇b_i = Σ_τ g_τ
-        if id(module.weight) in self.trainable:
-            self.add(_outer_product_sum_squared_norms(self.tokens.pick(x, self.norm_dtype), g, self.norm_form))
-
-    def on_norm_grad(self, module, x, g):
+    def normalized(self, module, x: torch.Tensor) -> torch.Tensor:
+        """â of a LayerNorm / RMSNorm at one copy of each token ([G, n_max, d], norm dtype)."""
         x = self.tokens.pick(x, x.dtype)
         if isinstance(module, nn.LayerNorm):
             normalized = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -571,18 +563,14 @@ class _LayerGradients:
                 normalized = _rms_normalized(module, x)
             finally:
                 self.probing.discard(module)
-        g, normalized = self.tokens.gather_sum(g, self.norm_dtype), normalized.to(self.norm_dtype)
-        if module.weight is not None and id(module.weight) in self.trainable:
-            self.add((g * normalized).sum(dim=1).square().sum(dim=1))  # ∇γ_i = Σ_τ g_τ ⊙ â_τ
-        if getattr(module, "bias", None) is not None and id(module.bias) in self.trainable:
-            self.add(g.sum(dim=1).square().sum(dim=1))  # ∇β_i = Σ_τ g_τ
+        return normalized.to(self.norm_dtype)
 
     def forward_hook(self, module, args, output):
         if module in self.probing:
             return output
         if module in self.called:
-            raise RuntimeError(f"{type(module).__name__} called twice in one forward: the batched grad-norm "
-                               "path assumes one call per module")
+            raise RuntimeError(f"{type(module).__name__} called twice in one forward: the hooked per-input "
+                               "passes assume one call per module")
         self.called.add(module)
         if isinstance(module, nn.Embedding):
             self.ids_of[module] = _IdsByInput(self.tokens.pick_ids(args[0]), self.tokens.filled,
@@ -596,6 +584,76 @@ class _LayerGradients:
         on_grad = self.on_linear_grad if isinstance(module, (nn.Linear, Conv1D)) else self.on_norm_grad
         output.register_hook(lambda g, module=module, x=x: on_grad(module, x, g))
         return output
+
+    def on_linear_grad(self, module, x, g):
+        raise NotImplementedError
+
+    def on_norm_grad(self, module, x, g):
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def hooked_and_frozen(model, layers: _LayerHooks):
+    """`layers`' forward hook on every covered module of the body with a trainable parameter, and
+    every trainable parameter frozen, for one forward and backward: the backward then forms
+    activation gradients only, and the hooks take the weight gradients' place."""
+    head, trainable = model.get_output_embeddings(), [p for p in model.parameters() if p.requires_grad]
+    hooked = [m for m in model.base_model.modules()
+              if (isinstance(m, (nn.Linear, Conv1D, nn.Embedding, nn.LayerNorm)) or _is_rms_norm(m))
+              and m is not head and any(p.requires_grad for p in m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(layers.forward_hook) for m in hooked]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def tied_input_embedding(model) -> nn.Embedding | None:
+    """The token embedding that shares its weight with the LM head, if any."""
+    head = model.get_output_embeddings()
+    return next((m for m in model.base_model.modules() if isinstance(m, nn.Embedding) and m.weight is head.weight),
+                None)
+
+
+def hidden_states_at(model, input_ids, attention_mask, position_ids, positions) -> torch.Tensor:
+    """The body's last hidden states at flat `positions` (row * width + column): [M, d]."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[positions]
+
+
+class _LayerGradients(_LayerHooks):
+    """The per-layer hooks of the batched pass: each sees a layer's input activations and
+    output gradients and adds that layer's ||∇θ_i||² for every input i to `squared`."""
+
+    def __init__(self, tokens, trainable: set, norm_dtype: torch.dtype, norm_form: str, num_inputs: int, device):
+        super().__init__(tokens, trainable, norm_dtype)
+        self.norm_form = norm_form
+        self.squared = torch.zeros(num_inputs, dtype=torch.float64, device=device)
+
+    def add(self, value: torch.Tensor) -> None:
+        self.squared = self.squared + value.to(device=self.squared.device, dtype=torch.float64)
+
+    def on_linear_grad(self, module, x, g):
+        # ∇W_i = Σ_τ a_τ g_τᵀ (Conv1D's [d_in, d_out] weight) or its transpose (Linear's): same norm
+        g = self.tokens.gather_sum(g, self.norm_dtype)
+        if module.bias is not None and id(module.bias) in self.trainable:
+            self.add(g.sum(dim=1).square().sum(dim=1))  # ∇b_i = Σ_τ g_τ
+        if id(module.weight) in self.trainable:
+            self.add(_outer_product_sum_squared_norms(self.tokens.pick(x, self.norm_dtype), g, self.norm_form))
+
+    def on_norm_grad(self, module, x, g):
+        normalized = self.normalized(module, x)
+        g = self.tokens.gather_sum(g, self.norm_dtype)
+        if module.weight is not None and id(module.weight) in self.trainable:
+            self.add((g * normalized).sum(dim=1).square().sum(dim=1))  # ∇γ_i = Σ_τ g_τ ⊙ â_τ
+        if getattr(module, "bias", None) is not None and id(module.bias) in self.trainable:
+            self.add(g.sum(dim=1).square().sum(dim=1))  # ∇β_i = Σ_τ g_τ
 
     def add_embeddings(self, leaf_grads, input_embedding, head_rows, num_inputs: int) -> None:
         """The embeddings' share, from the gradients at their outputs (and the tied head's cross term)."""
@@ -622,7 +680,7 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     norm_dtype = torch.promote_types(model_dtype, torch.float32)  # bf16 activations: norms in fp32
-    head, body = model.get_output_embeddings(), model.base_model
+    head = model.get_output_embeddings()
 
     outputs, output_mask = pad_rows(flat_outputs, left=False, device=device)
     input_ids, attention_mask, position_ids, prompt_width = causal_inputs(flat_prompts, outputs, output_mask)
@@ -636,33 +694,17 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
 
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     layers = _LayerGradients(tokens, trainable, norm_dtype, norm_form, num_inputs, device)
-    input_embedding = next((m for m in body.modules() if isinstance(m, nn.Embedding) and m.weight is head.weight),
-                           None)
-    hooked = [m for m in body.modules()
-              if (isinstance(m, (nn.Linear, Conv1D, nn.Embedding, nn.LayerNorm)) or _is_rms_norm(m))
-              and m is not head and any(id(p) in trainable for p in m.parameters(recurse=False))]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    handles = [m.register_forward_hook(layers.forward_hook) for m in hooked]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-            hidden = hidden.reshape(-1, hidden.shape[-1])[predicted_at]
-            with torch.no_grad():
-                grad_hidden, head_squared, head_rows = _head_pass(
-                    head, hidden.detach(), targets, token_weights, counts, budget=head_budget,
-                    norm_dtype=norm_dtype, norm_form=norm_form,
-                    tied_rows=layers.ids_of.get(input_embedding), trainable=trainable,
-                    temperature=temperature)
-            layers.add(head_squared)
-            leaf_grads = torch.autograd.grad(hidden, list(layers.embedding_outputs.values()),
-                                             grad_outputs=grad_hidden, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p in frozen:
-            p.requires_grad_(True)
+    input_embedding = tied_input_embedding(model)
+    with hooked_and_frozen(model, layers), torch.enable_grad():
+        hidden = hidden_states_at(model, input_ids, attention_mask, position_ids, predicted_at)
+        with torch.no_grad():
+            grad_hidden, head_squared, head_rows = _head_pass(
+                head, hidden.detach(), targets, token_weights, counts, budget=head_budget,
+                norm_dtype=norm_dtype, norm_form=norm_form,
+                tied_rows=layers.ids_of.get(input_embedding), trainable=trainable,
+                temperature=temperature)
+        layers.add(head_squared)
+        leaf_grads = torch.autograd.grad(hidden, list(layers.embedding_outputs.values()),
+                                         grad_outputs=grad_hidden, allow_unused=True)
     layers.add_embeddings(leaf_grads, input_embedding, head_rows, num_inputs)
     return layers.squared.cpu()

@@ -44,9 +44,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .gradnorm import _IdsByInput, _is_rms_norm, _rms_normalized, _Tokens, leave_one_out_advantages
+from .gradnorm import (_IdsByInput, _LayerHooks, _Tokens, hidden_states_at, hooked_and_frozen,
+                       leave_one_out_advantages, tied_input_embedding)
 from .models import causal_inputs, pad_rows
 
 LossOfLogProbs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -76,7 +76,7 @@ def update_backward(model, prompt_ids: list[list[int]], output_ids: list[list[in
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     norm_dtype = torch.promote_types(model_dtype, torch.float32)  # as gradnorm: bf16 activations, fp32 products
-    head, body = model.get_output_embeddings(), model.base_model
+    head = model.get_output_embeddings()
     num_prompts = len(sizes)
 
     outputs, output_mask = pad_rows(output_ids, left=False, device=device)
@@ -89,30 +89,15 @@ def update_backward(model, prompt_ids: list[list[int]], output_ids: list[list[in
 
     params = [p for p in model.parameters() if p.requires_grad]
     layers = _PromptGradients(tokens, {id(p) for p in params}, norm_dtype, num_prompts, device, per_prompt)
-    input_embedding = next((m for m in body.modules() if isinstance(m, nn.Embedding) and m.weight is head.weight),
-                           None)
-    hooked = [m for m in body.modules()
-              if (isinstance(m, (nn.Linear, Conv1D, nn.Embedding, nn.LayerNorm)) or _is_rms_norm(m))
-              and m is not head and any(p.requires_grad for p in m.parameters(recurse=False))]
-    handles = [m.register_forward_hook(layers.forward_hook) for m in hooked]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-            hidden = hidden.reshape(-1, hidden.shape[-1])[predicted_at]
-            head_part = _head_backward(head, hidden.detach(), sequence, t, output_mask, targets=outputs[sequence, t],
-                                       counts=counts, loss_of=loss_of, temperature=temperature,
-                                       budget=head_budget_bytes, norm_dtype=norm_dtype, layers=layers,
-                                       tied_rows_of=lambda: layers.ids_of.get(input_embedding))
-            leaf_grads = torch.autograd.grad(hidden, list(layers.embedding_outputs.values()),
-                                             grad_outputs=head_part.grad_hidden, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p in params:
-            p.requires_grad_(True)
+    input_embedding = tied_input_embedding(model)
+    with hooked_and_frozen(model, layers), torch.enable_grad():
+        hidden = hidden_states_at(model, input_ids, attention_mask, position_ids, predicted_at)
+        head_part = _head_backward(head, hidden.detach(), sequence, t, output_mask, targets=outputs[sequence, t],
+                                   counts=counts, loss_of=loss_of, temperature=temperature,
+                                   budget=head_budget_bytes, norm_dtype=norm_dtype, layers=layers,
+                                   tied_rows_of=lambda: layers.ids_of.get(input_embedding))
+        leaf_grads = torch.autograd.grad(hidden, list(layers.embedding_outputs.values()),
+                                         grad_outputs=head_part.grad_hidden, allow_unused=True)
     layers.add_embeddings(leaf_grads, input_embedding, head_part.head_rows)
     for p in params:
         grad = layers.grads.get(id(p))
@@ -184,18 +169,16 @@ def _head_backward(head, hidden, sequence, t, output_mask, *, targets, counts, l
                      token_weights.detach(), log_probs.detach(), padded(unit_log_probs))
 
 
-class _PromptGradients:
-    """The per-layer hooks: each sees a layer's input activations and output gradients, forms
-    that layer's per-prompt gradients, adds their sum to the parameter's gradient (`grads`) and,
-    with per_prompt, their squared norms to `squared`."""
+class _PromptGradients(_LayerHooks):
+    """The per-layer hooks (gradnorm._LayerHooks): each sees a layer's input activations and output
+    gradients, forms that layer's per-prompt gradients, adds their sum to the parameter's gradient
+    (`grads`) and, with per_prompt, their squared norms to `squared`."""
 
     def __init__(self, tokens: _Tokens, trainable: set, norm_dtype, num_prompts: int, device, per_prompt: bool):
-        self.tokens, self.trainable, self.norm_dtype, self.per_prompt = tokens, trainable, norm_dtype, per_prompt
+        super().__init__(tokens, trainable, norm_dtype)
+        self.per_prompt = per_prompt
         self.squared = torch.zeros(num_prompts, dtype=torch.float64, device=device)
         self.grads: dict[int, torch.Tensor] = {}  # id(parameter) -> its gradient (norm dtype)
-        self.ids_of = {}  # embedding module -> _IdsByInput of its forward
-        self.embedding_outputs = {}  # embedding module -> its output, a leaf of the backward
-        self.called, self.probing = set(), set()
 
     def add_grad(self, param, value: torch.Tensor) -> None:
         key = id(param)
@@ -230,41 +213,13 @@ class _PromptGradients:
                               transpose=isinstance(module, nn.Linear))
 
     def on_norm_grad(self, module, x, g):
-        x = self.tokens.pick(x, x.dtype)
-        if isinstance(module, nn.LayerNorm):
-            normalized = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        else:
-            self.probing.add(module)  # its forward with γ = 1, which runs this module's forward hook again
-            try:
-                normalized = _rms_normalized(module, x)
-            finally:
-                self.probing.discard(module)
-        g, normalized = self.tokens.gather_sum(g, self.norm_dtype), normalized.to(self.norm_dtype)
+        normalized = self.normalized(module, x)
+        g = self.tokens.gather_sum(g, self.norm_dtype)
         for param, per_prompt in ((module.weight, (g * normalized).sum(dim=1)),  # ∇γ_i = Σ_τ g_τ ⊙ â_τ
                                   (getattr(module, "bias", None), g.sum(dim=1))):  # ∇β_i = Σ_τ g_τ
             if param is not None and id(param) in self.trainable:
                 self.add_squared(per_prompt.square().sum(dim=1))
                 self.add_grad(param, per_prompt.sum(dim=0))
-
-    def forward_hook(self, module, args, output):
-        if module in self.probing:
-            return output
-        if module in self.called:
-            raise RuntimeError(f"{type(module).__name__} called twice in one forward: the per-prompt update "
-                               "assumes one call per module")
-        self.called.add(module)
-        if isinstance(module, nn.Embedding):
-            self.ids_of[module] = _IdsByInput(self.tokens.pick_ids(args[0]), self.tokens.filled,
-                                              module.num_embeddings, module.padding_idx)
-            output.requires_grad_(True)  # frozen weight: the output is a leaf, the backward stops here
-            self.embedding_outputs[module] = output
-            return output
-        if not output.requires_grad:
-            return output
-        x = args[0]
-        on_grad = self.on_linear_grad if isinstance(module, (nn.Linear, Conv1D)) else self.on_norm_grad
-        output.register_hook(lambda g, module=module, x=x: on_grad(module, x, g))
-        return output
 
     def add_head(self, weight, bias, z, hidden, counts, tied_rows: _IdsByInput | None):
         """The head's per-prompt gradients Σ_τ z_τ h_τᵀ; returns, for a tied embedding, each
