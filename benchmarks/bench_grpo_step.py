@@ -50,7 +50,8 @@ from workloads.text.grpo_config import GRPOConfig  # noqa: E402
 from workloads.text.models import load_model_and_tokenizer  # noqa: E402
 from workloads.text.rl_loop import Ranks, RLRun  # noqa: E402
 from workloads.text.sampling import Group, SamplingModel, prompts_of, sample_outputs, score_outputs  # noqa: E402
-from workloads.text.sampling import ScoredSamples  # noqa: E402
+from workloads.text.rewards import Reward  # noqa: E402
+from workloads.text.sampling import Prompts, ScoredSamples  # noqa: E402
 from workloads.text.tasks import reward_of, task_of  # noqa: E402
 
 VARIANTS = {  # name: (update_path, skip zero-advantage completions, monitor on)
@@ -193,12 +194,13 @@ def config_eos(policy) -> int:
 def cpu_peaks(groups, args) -> dict[str, float]:
     """Each variant's peak resident-set growth during its first update, in a fresh process (the
     model loaded, then VmHWM reset to VmRSS; glibc cannot reuse another variant's freed memory)."""
-    import pickle
+    import json
     import subprocess
     import tempfile
     peaks = {}
-    with tempfile.NamedTemporaryFile(suffix=".pkl") as f:
-        pickle.dump(groups, f)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump([{"input_id": g.input_id, "prompt": g.prompts.ids[0], "outputs": g.scored.outputs,
+                    "texts": g.scored.texts, "rewards": g.rewards.tolist()} for g in groups], f)
         f.flush()
         for variant in VARIANTS:
             command = [sys.executable, os.path.abspath(__file__), "--memory-of", variant, "--groups-file", f.name]
@@ -209,9 +211,11 @@ def cpu_peaks(groups, args) -> dict[str, float]:
 
 
 def memory_of(args, config, policy, device) -> None:
-    import pickle
-    with open(args.groups_file, "rb") as f:
-        groups = pickle.load(f)
+    import json
+    with open(args.groups_file) as f:
+        groups = [Group(g["input_id"], None, Prompts([""], [g["prompt"]], [[]], [{}], [g["input_id"]]),
+                        ScoredSamples.of(len(g["outputs"]), g["outputs"], g["texts"], [Reward(r) for r in g["rewards"]]))
+                  for g in json.load(f)]
     weights = [p.detach().clone() for p in policy.parameters()]
     _, peak = run_variant(args.memory_of, config, policy, weights, groups, device)
     print(f"{peak:.1f}")

@@ -172,6 +172,12 @@ def test_an_equal_reward_group_is_not_run_and_has_share_zero(monkeypatch):
     # group 1 (rewards all 0.5) and group 2's completions at the mean (advantage 0) never reach the model
     assert ran == [(4 + 2 + 4, [4, 2, 4])]
     assert monitor.update_norms[1] == 0.0 == expected[1]
+    # alone in its minibatch, nothing runs at all (a zero-loss step), and its share is still recorded as 0
+    ran.clear()
+    learner = learner_for({"loss_type": "dapo"}, tiny_llama(tied=False), minibatches=4)
+    monitor, _, _ = run_update(learner, groups_of(), monkeypatch, order=list(range(len(PROMPTS) * K)))
+    assert [sizes for _, sizes in ran] == [[4], [2], [4]]  # group 1's minibatch never reached the backward
+    assert sorted(monitor.update_norms) == [0, 1, 2, 3] and monitor.update_norms[1] == 0.0
 
 
 @pytest.mark.parametrize("case,derived", [

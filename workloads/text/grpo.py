@@ -390,7 +390,8 @@ def minibatch_step(learner: Learner, batch: Batch, idx: list[int], monitor: Upda
         if config.generation.temperature == 1.0:
             unit_log_probs = log_probs.detach().sum(-1)
     if monitor is not None:
-        measure_update(monitor, config, batch, idx, active, runs, result, unit_log_probs, first)
+        measured = learner.per_prompt and monitor.want_norms  # the shares of this backward (0 when none ran)
+        measure_update(monitor, config, batch, idx, active, runs, result, unit_log_probs, first, measured)
         if first and monitor.at_rollout_policy is not None:
             monitor.at_rollout_policy(monitor)  # the optimiser has not moved the policy yet
     total = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(),
@@ -402,15 +403,17 @@ def minibatch_step(learner: Learner, batch: Batch, idx: list[int], monitor: Upda
 
 
 def measure_update(monitor: UpdateMonitor, config: GRPOConfig, batch: Batch, idx: list[int], active: list[int],
-                   runs: list[tuple[int, int]], result, unit_log_probs: torch.Tensor | None, first: bool) -> None:
-    """A minibatch's per-group shares of the gradient into the monitor; on the rollout's first
-    step also the log-probs and the leave-one-out norms its forward and backward give."""
+                   runs: list[tuple[int, int]], result, unit_log_probs: torch.Tensor | None, first: bool,
+                   measured: bool) -> None:
+    """A minibatch's per-group shares of the gradient into the monitor (`measured`: by the per-prompt
+    backward, or none ran); on the rollout's first step also the log-probs and the leave-one-out
+    norms its forward and backward give."""
     K = config.num_samples_per_input
     whole = {g for g, members in itertools.groupby(idx, key=lambda i: i // K) if len(list(members)) == K}
     ran = [g for g, _ in runs]
-    if result is not None and result.squared is not None:
-        norms = dict(zip(ran, result.squared.clamp(min=0).sqrt().tolist()))
-        for g in whole:  # a group split across minibatches has no one share: left unmeasured
+    if measured:
+        norms = {} if result is None else dict(zip(ran, result.squared.clamp(min=0).sqrt().tolist()))
+        for g in whole:  # not run: no gradient, share 0; a group split across minibatches has no one share
             monitor.update_norms[g] = norms.get(g, 0.0)
     if not first:
         return
