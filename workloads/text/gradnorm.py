@@ -112,7 +112,7 @@ def per_input_grad_norms_loop(model, prompt_ids: list[list[int]], output_ids: li
 # position (causal attention: a prompt position sees only the prompt), so
 # Σ_k a_{k,t} g_{k,t}ᵀ = a_t (Σ_k g_{k,t})ᵀ: each prompt position enters ONCE,
 # with its K gradients summed. Input i then has n_i = |prompt_i| + Σ_k |y_ik|
-# tokens (`_Tokens`), instead of K times the padded width.
+# tokens (`TokenLayout`), instead of K times the padded width.
 #
 # Two exact forms of ||Σ_τ a_τ g_τᵀ||²_F, and each layer takes the one its
 # device runs faster (`_ghost_is_faster`; the `norm_form` argument forces one):
@@ -377,7 +377,7 @@ def _outer_product_sum_squared_norms(a: torch.Tensor, g: torch.Tensor, norm_form
     return torch.cat(squared).double()
 
 
-class _Tokens:
+class TokenLayout:
     """A chunk's tokens in the per-input layout of the comment above: input i's
     n_i tokens (its prompt once, then each of its sequences' output tokens) at
     slots 0..n_i-1 of row i of a [G, n_max] table. `pick` takes one copy of each
@@ -435,7 +435,7 @@ class _Tokens:
         return out.view(self.num_inputs, self.width)
 
 
-class _IdsByInput:
+class IdsByInput:
     """The distinct ids each input feeds an embedding, as flat rows: row j is
     (input_of[j], id_of[j]), at column slot[j] of the padded table [G, width];
     inverse[τ] is the row of counted token τ (padding slots and padding_idx are
@@ -465,7 +465,7 @@ class _IdsByInput:
 
 
 def _head_pass(head, hidden, targets, weights, counts, *, budget: int, norm_dtype, norm_form: str,
-               tied_rows: _IdsByInput | None, trainable: set[int], temperature: float = 1.0):
+               tied_rows: IdsByInput | None, trainable: set[int], temperature: float = 1.0):
     """The LM head over the selected hidden states [M, d] (input-major, counts[i] tokens of input i),
     the logit gradients in closed form: (gradient at hidden [M, d], head's ||∇||² per input [G],
     Σ_σ z_σ[v] h_σ at the tied embedding's rows or None)."""
@@ -540,7 +540,7 @@ def _head_pass(head, hidden, targets, weights, counts, *, budget: int, norm_dtyp
     return grad_hidden, squared, head_rows
 
 
-class _LayerHooks:
+class LayerHooks:
     """What both hooked passes share (this file's norms, update_grads.py's per-prompt gradients):
     the forward hook that registers, on each covered module's output, a hook receiving its output
     gradient with its input activation; the embeddings' ids and outputs (the backward's leaves);
@@ -548,7 +548,7 @@ class _LayerHooks:
 
     def __init__(self, tokens, trainable: set, norm_dtype: torch.dtype):
         self.tokens, self.trainable, self.norm_dtype = tokens, trainable, norm_dtype
-        self.ids_of = {}  # embedding module -> _IdsByInput of its forward
+        self.ids_of = {}  # embedding module -> IdsByInput of its forward
         self.embedding_outputs = {}  # embedding module -> its output, a leaf of the backward
         self.called, self.probing = set(), set()
 
@@ -573,7 +573,7 @@ class _LayerHooks:
                                "passes assume one call per module")
         self.called.add(module)
         if isinstance(module, nn.Embedding):
-            self.ids_of[module] = _IdsByInput(self.tokens.pick_ids(args[0]), self.tokens.filled,
+            self.ids_of[module] = IdsByInput(self.tokens.pick_ids(args[0]), self.tokens.filled,
                                               module.num_embeddings, module.padding_idx)
             output.requires_grad_(True)  # frozen weight: the output is a leaf, the backward stops here
             self.embedding_outputs[module] = output
@@ -593,7 +593,7 @@ class _LayerHooks:
 
 
 @contextlib.contextmanager
-def hooked_and_frozen(model, layers: _LayerHooks):
+def hooked_and_frozen(model, layers: LayerHooks):
     """`layers`' forward hook on every covered module of the body with a trainable parameter, and
     every trainable parameter frozen, for one forward and backward: the backward then forms
     activation gradients only, and the hooks take the weight gradients' place."""
@@ -627,7 +627,7 @@ def hidden_states_at(model, input_ids, attention_mask, position_ids, positions) 
     return hidden.reshape(-1, hidden.shape[-1])[positions]
 
 
-class _LayerGradients(_LayerHooks):
+class _LayerGradients(LayerHooks):
     """The per-layer hooks of the batched pass: each sees a layer's input activations and
     output gradients and adds that layer's ||∇θ_i||² for every input i to `squared`."""
 
@@ -684,7 +684,7 @@ def _batched_squared_grad_norms(model, prompt_ids, output_ids, advantages, *, he
 
     outputs, output_mask = pad_rows(flat_outputs, left=False, device=device)
     input_ids, attention_mask, position_ids, prompt_width = causal_inputs(flat_prompts, outputs, output_mask)
-    tokens = _Tokens(attention_mask, prompt_width, [num_samples] * num_inputs)
+    tokens = TokenLayout(attention_mask, prompt_width, [num_samples] * num_inputs)
     # the head's tokens: real output tokens, predicted one column to their left, input-major
     sequence, t = output_mask.bool().nonzero(as_tuple=True)
     predicted_at = sequence * input_ids.shape[1] + prompt_width - 1 + t

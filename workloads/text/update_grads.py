@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .gradnorm import (_IdsByInput, _LayerHooks, _Tokens, hidden_states_at, hooked_and_frozen,
+from .gradnorm import (IdsByInput, LayerHooks, TokenLayout, hidden_states_at, hooked_and_frozen,
                        leave_one_out_advantages, tied_input_embedding)
 from .models import causal_inputs, pad_rows
 
@@ -81,7 +81,7 @@ def update_backward(model, prompt_ids: list[list[int]], output_ids: list[list[in
 
     outputs, output_mask = pad_rows(output_ids, left=False, device=device)
     input_ids, attention_mask, position_ids, prompt_width = causal_inputs(prompt_ids, outputs, output_mask)
-    tokens = _Tokens(attention_mask, prompt_width, sizes)
+    tokens = TokenLayout(attention_mask, prompt_width, sizes)
     sequence, t = output_mask.bool().nonzero(as_tuple=True)  # real output tokens, sequence-major = prompt-major
     predicted_at = sequence * input_ids.shape[1] + prompt_width - 1 + t
     prompt_of = torch.repeat_interleave(torch.arange(num_prompts, device=device), torch.tensor(sizes, device=device))
@@ -169,12 +169,12 @@ def _head_backward(head, hidden, sequence, t, output_mask, *, targets, counts, l
                      token_weights.detach(), log_probs.detach(), padded(unit_log_probs))
 
 
-class _PromptGradients(_LayerHooks):
-    """The per-layer hooks (gradnorm._LayerHooks): each sees a layer's input activations and output
+class _PromptGradients(LayerHooks):
+    """The per-layer hooks (gradnorm.LayerHooks): each sees a layer's input activations and output
     gradients, forms that layer's per-prompt gradients, adds their sum to the parameter's gradient
     (`grads`) and, with per_prompt, their squared norms to `squared`."""
 
-    def __init__(self, tokens: _Tokens, trainable: set, norm_dtype, num_prompts: int, device, per_prompt: bool):
+    def __init__(self, tokens: TokenLayout, trainable: set, norm_dtype, num_prompts: int, device, per_prompt: bool):
         super().__init__(tokens, trainable, norm_dtype)
         self.per_prompt = per_prompt
         self.squared = torch.zeros(num_prompts, dtype=torch.float64, device=device)
@@ -221,7 +221,7 @@ class _PromptGradients(_LayerHooks):
                 self.add_squared(per_prompt.square().sum(dim=1))
                 self.add_grad(param, per_prompt.sum(dim=0))
 
-    def add_head(self, weight, bias, z, hidden, counts, tied_rows: _IdsByInput | None):
+    def add_head(self, weight, bias, z, hidden, counts, tied_rows: IdsByInput | None):
         """The head's per-prompt gradients Σ_τ z_τ h_τᵀ; returns, for a tied embedding, each
         prompt's head-gradient rows at the ids it contains (for the cross term)."""
         want_weight, want_bias = id(weight) in self.trainable, bias is not None and id(bias) in self.trainable
