@@ -208,7 +208,6 @@ def rloo_loss(config: GRPOConfig, log_probs, old_log_probs, ref_log_probs, advan
     return loss, {"clip_fraction": clipped.double().sum() / completions, "kl": kl}
 
 
-
 # ============================================================================
 # The update: a rollout's groups -> num_iterations passes of minibatch steps.
 # ============================================================================
@@ -340,8 +339,6 @@ def grpo_update(learner: Learner, groups: list[Group], order: list[int] | None =
             step_monitor = monitor if iteration == 0 else None
             for name, value in minibatch_step(learner, batch, idx, step_monitor, first=iteration == m == 0).items():
                 sums[name] += value
-    if monitor is not None and monitor.at_rollout_policy is not None and not minibatches:
-        monitor.at_rollout_policy(monitor)
     means = learner.ranks.sum_named({name: sums[name] / (config.num_iterations * steps) for name in sums})
     return {name: value / learner.ranks.world_size for name, value in means.items()}
 
@@ -382,7 +379,7 @@ def minibatch_step(learner: Learner, batch: Batch, idx: list[int], monitor: Upda
         result = update_backward(learner.policy, prompts, outputs, [size for _, size in runs], loss_of,
                                  temperature=config.generation.temperature,
                                  per_prompt=monitor is not None and monitor.want_norms)
-        loss, stats, unit_log_probs = result.loss, result.stats, (result.unit_log_probs * result.mask).sum(-1)
+        loss, stats, unit_log_probs = result.loss, result.stats, result.unit_log_probs.sum(-1)
     else:
         log_probs, mask = learner.log_probs(learner.train_model, prompts, outputs)
         loss, stats = loss_of(log_probs, mask.to(log_probs.dtype))

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..core.context import WorkloadContext
 from .config import grad_norm_temperature
 from .gradnorm import per_input_grad_norms
-from .models import load_model_and_tokenizer, token_log_probs
+from .models import load_model_and_tokenizer, sequence_log_probs
 from .sampling import Group, SamplingModel, evaluation_seed, prompts_of, sample_and_score, step_seed, table_rows
 from .tasks import reward_of, task_of
 
@@ -238,8 +238,7 @@ class RLRun:
         """The `log_prob` column: the policy's own log π(y|x) at T = 1, per group's K completions."""
         K = self.config.num_samples_per_input
         with torch.no_grad():
-            log_probs, _ = token_log_probs(self.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs)
-        sums = log_probs.sum(dim=1).tolist()
+            sums = sequence_log_probs(self.policy, [p for p in prompts.ids for _ in range(K)], scored.outputs).tolist()
         return [sums[i : i + K] for i in range(0, len(sums), K)]
 
     # -- the fixed evaluation set --------------------------------------------------

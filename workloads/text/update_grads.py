@@ -61,8 +61,7 @@ class UpdateBackward:
     stats: dict  # the loss function's statistics
     squared: torch.Tensor | None  # [G] float64: ||W_i||², prompt i's share of the gradient; None unless asked
     token_weights: torch.Tensor  # [B, T] ∂L/∂log π per output token (0 at padding)
-    log_probs: torch.Tensor  # [B, T] log π at the temperature (0 at padding), detached
-    unit_log_probs: torch.Tensor  # [B, T] log π at temperature 1 (the `log_prob` column's)
+    unit_log_probs: torch.Tensor  # [B, T] log π at temperature 1 (the `log_prob` column's; 0 at padding)
     mask: torch.Tensor  # [B, T] 1 on real output tokens
 
 
@@ -104,8 +103,8 @@ def update_backward(model, prompt_ids: list[list[int]], output_ids: list[list[in
         grad = torch.zeros_like(p) if grad is None else grad.to(p.dtype)
         p.grad = grad if p.grad is None else p.grad + grad
     return UpdateBackward(head_part.loss, head_part.stats, layers.squared.cpu() if per_prompt else None,
-                          head_part.token_weights, head_part.log_probs, head_part.unit_log_probs,
-                          output_mask.to(head_part.log_probs.dtype))
+                          head_part.token_weights, head_part.unit_log_probs,
+                          output_mask.to(head_part.unit_log_probs.dtype))
 
 
 @dataclass
@@ -115,7 +114,6 @@ class _HeadPart:
     grad_hidden: torch.Tensor
     head_rows: torch.Tensor | None
     token_weights: torch.Tensor
-    log_probs: torch.Tensor
     unit_log_probs: torch.Tensor
 
 
@@ -166,7 +164,7 @@ def _head_backward(head, hidden, sequence, t, output_mask, *, targets, counts, l
     # 4. the head's per-prompt gradients Σ_τ z_τ h_τᵀ ([V, d] each), summed into its gradient
     head_rows = layers.add_head(weight, bias, z, hidden, counts, tied_rows_of())
     return _HeadPart(loss.detach(), {k: v.detach() for k, v in stats.items()}, grad_hidden, head_rows,
-                     token_weights.detach(), log_probs.detach(), padded(unit_log_probs))
+                     token_weights.detach(), padded(unit_log_probs))
 
 
 class _PromptGradients(LayerHooks):
@@ -268,7 +266,7 @@ class _PromptGradients(LayerHooks):
 
 
 def leave_one_out_from_update(squared: torch.Tensor, token_weights: torch.Tensor, mask: torch.Tensor,
-                              rewards: torch.Tensor, sizes_kept: list[torch.Tensor],
+                              rewards: torch.Tensor, sizes_kept: list[list[int]],
                               tolerance: float = 1e-6) -> list[float | None]:
     """||ĝ(x_i)|| (gradnorm.py) from ||W_i||, where the algebra allows (module docstring), else None.
 
